@@ -46,6 +46,8 @@ class Broker:
             f"persistence_location {workdir}/\nmax_queued_messages 100000\n"
             f"log_dest file {workdir}/mosquitto.log\n{extra_conf}"
         )
+        if os.geteuid() == 0:  # else mosquitto drops to its own user and cannot write pytest's tmp dirs
+            self.conf.write_text(self.conf.read_text() + "user root\n")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Broker":

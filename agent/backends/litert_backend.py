@@ -6,6 +6,7 @@ tail is zero-padded, so any batch size works with one interpreter per size.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,10 @@ class _Fixed:
             self.it.allocate_tensors()
         except Exception as e:
             raise BundleError(f"LiteRT cannot load {path}: {str(e).splitlines()[0]}") from None
-        ins = self.it.get_input_details()
-        outs = self.it.get_output_details()
+        ins, outs = _ordered_details(self.it)
         if len(ins) != n_inputs or len(outs) != n_outputs:
             raise BundleError(f"{path}: {len(ins)} inputs/{len(outs)} outputs, manifest expects {n_inputs}/{n_outputs}")
-        # litert-torch names tensors by position (args_0..., output_0...); order by that suffix.
-        self.inputs = sorted(ins, key=lambda d: _pos(d["name"]))
-        self.outputs = sorted(outs, key=lambda d: _pos(d["name"]))
+        self.inputs, self.outputs = ins, outs
         self.batch = int(self.inputs[0]["shape"][0])
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -43,9 +41,33 @@ class _Fixed:
         return [self.it.get_tensor(d["index"]) for d in self.outputs]
 
 
-def _pos(name: str) -> tuple[int, str]:
-    digits = "".join(c for c in name.rsplit("_", 1)[-1] if c.isdigit())
-    return (int(digits) if digits else 0, name)
+def _key_pos(key: str) -> tuple[int, str]:
+    """'args_10' -> (10, 'args_10'): numeric, so args_2 sorts before args_10."""
+    m = re.search(r"(\d+)(?!.*\d)", key)
+    return (int(m.group(1)) if m else 0, key)
+
+
+def _ordered_details(it) -> tuple[list[dict], list[dict]]:
+    """Input and output tensor details in the model's positional order.
+
+    litert-torch exports one signature whose keys are ``args_<i>`` / ``output_<i>`` (the
+    tensor names are ``serving_default_args_0`` and ``serving_default_output_0_output``;
+    an output that merely forwards an input even carries the input's tensor name), so the
+    signature keys are the reliable order. Without signatures, fall back to the digits in
+    the tensor name, then to the tensor order of the file.
+    """
+    try:
+        sigs = it.get_signature_list()
+    except Exception:  # old tflite-runtime
+        sigs = {}
+    if len(sigs) == 1:
+        key = next(iter(sigs))
+        runner = it.get_signature_runner(key)
+        ins, outs = runner.get_input_details(), runner.get_output_details()
+        return ([ins[k] for k in sorted(ins, key=_key_pos)], [outs[k] for k in sorted(outs, key=_key_pos)])
+    ins, outs = it.get_input_details(), it.get_output_details()
+    return (sorted(ins, key=lambda d: _key_pos(d["name"].removesuffix("_output"))),
+            sorted(outs, key=lambda d: _key_pos(d["name"].removesuffix("_output"))))
 
 
 class LiteRTBackend:

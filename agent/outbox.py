@@ -1,0 +1,100 @@
+"""Durable alert outbox (SQLite): an alert is written here before it is published and
+deleted only when the broker acknowledges it (PUBACK). What is still here after a
+disconnect or a restart is published again, oldest first: delivery is at-least-once,
+and consumers de-duplicate on the alert's ``id``.
+
+Not bounded by count on purpose: dropping alerts is worse than using disk, and alerts are
+rare (one per state change per device). ``backlog()`` is exported as a metric to alarm on.
+
+``synchronous=FULL`` with WAL: each put is fsynced before we publish, so an alert
+survives a power cut (gateways lose power; NORMAL could lose the newest commits). At
+alert rates the fsync cost is negligible.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    state_topic TEXT,
+    created REAL NOT NULL
+)
+"""
+
+
+class OutboxError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    seq: int
+    topic: str
+    payload: bytes
+    state_topic: str | None  # retained state topic republished with the alert
+
+
+class Outbox:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutboxError(f"cannot create state directory {self.path.parent}: {e.strerror}") from None
+        self._lock = threading.Lock()
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as e:
+            # Keep monitoring alive: move the unreadable file aside (kept for forensics) and start empty.
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.error("outbox %s is unreadable (%s); moved to %s, starting empty", self.path, e, aside)
+            self.path.replace(aside)
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.OperationalError as e:
+            raise OutboxError(f"cannot open outbox {self.path}: {e}") from None
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(_SCHEMA)
+        db.execute("SELECT count(*) FROM outbox").fetchone()  # surfaces corruption now
+        return db
+
+    def put(self, topic: str, payload: bytes, state_topic: str | None = None) -> int:
+        """Persist one alert; returns its sequence number (used to ack)."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO outbox (topic, payload, state_topic, created) VALUES (?, ?, ?, ?)",
+                (topic, payload, state_topic, time.time()),
+            )
+            return int(cur.lastrowid)
+
+    def ack(self, seq: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def pending(self) -> list[Entry]:
+        """Unacknowledged alerts, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, topic, payload, state_topic FROM outbox ORDER BY seq").fetchall()
+        return [Entry(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
+
+    def backlog(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
