@@ -1,27 +1,34 @@
 """Composition root: builds the agent's parts, starts them in order, stops them in reverse.
 
 config → bundle (hashes) → backend (golden vectors) → metrics/HTTP → outbox → MQTT link →
-pipeline thread. READY=1 goes to systemd only once the bundle is loaded AND the broker
-accepted us; WATCHDOG=1 comes from the pipeline loop itself, so a wedged loop gets the
-service restarted. SIGHUP re-reads the config and bundle: a refused bundle is logged and
-the one in service stays.
+pipeline thread → bundle watcher. READY=1 goes to systemd only once the bundle is loaded AND
+the broker accepted us (and, where the policy asks for it, refused a stranger); WATCHDOG=1
+comes from the pipeline loop itself, so a wedged loop gets the service restarted. SIGHUP
+re-reads the config and bundle, the watcher re-reads the bundle when it changes on disk: a
+refused bundle is logged in one line and the one in service stays.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from agent import sdnotify
 from agent.backends import open_backend
+from agent.checkpoint import Checkpointer, StateStore
+from agent.bundle_watch import BundleWatcher, fingerprint
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.decode import render
 from agent.http_server import HttpServer
 from agent.manifest import BundleError, Manifest, load_manifest
+from agent.messages import iso_utc
 from agent.metrics import Metrics
-from agent.mqtt_link import MqttLink
+from agent.mqtt_link import MqttLink, receive_maximum
+from agent.mqtt_security import anonymous_broker_check, check_policy, must_refuse_anonymous_broker
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline
 from agent.scoring import Scorer
@@ -42,15 +49,27 @@ class App:
         self.metrics = Metrics()
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._wake = threading.Event()
+        self._reload_lock = threading.Lock()  # SIGHUP (main thread) and the watcher never load at once
         self._thread: threading.Thread | None = None
         self.http: HttpServer | None = None
         self._notified_ready = False
         self._wd_interval = sdnotify.watchdog_interval()
         self._wd_last = 0.0
+        # None until the broker has been shown to refuse anonymous clients, where the policy asks for it.
+        self._auth_ok: bool | None = None if must_refuse_anonymous_broker(cfg) else True
+        self.fatal: str | None = None  # set when the agent must stop and say why (run() raises it)
 
+        check_policy(cfg)  # never connect anonymously to a remote broker, unless allowed
         # Bundle first: a bad bundle stops start-up before anything touches the network.
+        fp = fingerprint(cfg.bundle)
         scorer = self._load_bundle(cfg)
         self.manifest = scorer.manifest
+        self.loaded_at = time.time()
+        self.watcher = (BundleWatcher(lambda: self.cfg.bundle, cfg.bundle_watch_s, self.reload_bundle)
+                        if cfg.bundle_watch_s > 0 else None)
+        if self.watcher is not None:
+            self.watcher.rebase(fp)
 
         self.outbox = Outbox(cfg.state_dir / "outbox.sqlite")
         self.pipeline = Pipeline(
@@ -58,41 +77,80 @@ class App:
             sink=lambda *a: self.link.send_alert(*a),
             dead_letter=self._dead_letter if cfg.topics.dead_letter else None,
         )
-        self.link = MqttLink(cfg, self.pipeline.submit, self.metrics, self.outbox)
+        # Telemetry is acknowledged once a state checkpoint holds it: a crash loses neither.
+        self.link = MqttLink(cfg, self.pipeline.submit, self.metrics, self.outbox, manual_ack=True)
+        self.state = StateStore(cfg.state_dir / "state.sqlite")
+        self.checkpoints = Checkpointer(self.pipeline, self.state, self.link.ack_through, receive_maximum(cfg))
+        self.checkpoints.restore()
         for f in self.pipeline.matcher.subscriptions():
             self.link.subscribe(f, qos=1)
         if cfg.metrics.enabled:
             self.http = HttpServer(cfg.metrics.host, cfg.metrics.port, self.metrics.exposition, self.healthy, self.ready)
 
     def _load_bundle(self, cfg: AgentConfig) -> Scorer:
-        m: Manifest = load_manifest(cfg.bundle)
-        backend = open_backend(cfg.backend, cfg.bundle, m, threads=cfg.threads)
-        log.info("bundle %s %s verified (%s, %d features, window %d, threshold %.4g)", m.name, m.version,
-                 cfg.backend, len(m.features), m.window, m.threshold.value)
+        # The symlink's target, resolved once: a switch while we verify cannot mix two bundles.
+        path = Path(os.path.realpath(cfg.bundle))
+        m: Manifest = load_manifest(path)
+        backend = open_backend(cfg.backend, path, m, threads=cfg.threads)
+        log.info("bundle %s %s verified (%s, %d features, window %d, threshold %.4g, %s)", m.name, m.version,
+                 cfg.backend, len(m.features), m.window, m.threshold.value, path)
+        self.bundle_path = path
         return Scorer(m, backend)
 
-    def _publish_bundle_metrics(self, backend: str) -> None:
-        self.metrics.threshold.set(self.manifest.threshold.value)
-        self.metrics.bundle.info({"name": self.manifest.name, "version": self.manifest.version, "backend": backend})
+    def _publish_bundle(self, backend: str) -> None:
+        """Metrics and the retained model topic: what is in service, since when."""
+        m = self.manifest
+        self.metrics.threshold.set(m.threshold.value)
+        self.metrics.bundle.info({"name": m.name, "version": m.version, "backend": backend})
+        self.metrics.bundle_loaded.set(self.loaded_at)
+        body = {"name": m.name, "version": m.version, "backend": backend, "loaded_at": iso_utc(self.loaded_at),
+                "created": m.created, "path": str(self.bundle_path), "agent": self.cfg.agent_id}
+        self.link.publish(self.cfg.model_topic, json.dumps(body).encode(), qos=1, retain=True)
 
     def reload(self) -> bool:
-        """Re-read config and bundle; swap the bundle in only if it passes every check."""
-        try:
-            cfg = load_config(self.config_path)
-            scorer = self._load_bundle(cfg)
-        except (ConfigError, BundleError) as e:
-            log.error("reload refused, still serving %s %s: %s", self.manifest.name, self.manifest.version, e)
-            return False
-        changed = sorted(k for k in AgentConfig.model_fields if k not in RELOADABLE | {"log"}
-                         and getattr(cfg, k) != getattr(self.cfg, k))
-        if changed:
-            log.warning("reload: %s changed; restart the service to apply", ", ".join(changed))
+        """SIGHUP: re-read config and bundle; swap the bundle in only if it passes every check."""
+        with self._reload_lock:
+            try:
+                cfg = load_config(self.config_path)
+                fp = fingerprint(cfg.bundle)
+                if self.watcher is not None:
+                    self.watcher.rebase(fp)  # tried now, good or bad: the watcher need not try it again
+                scorer = self._load_bundle(cfg)
+            except (ConfigError, BundleError) as e:
+                return self._refused("reload", e)
+            changed = sorted(k for k in AgentConfig.model_fields if k not in RELOADABLE | {"log"}
+                             and getattr(cfg, k) != getattr(self.cfg, k))
+            if changed:
+                log.warning("reload: %s changed; restart the service to apply", ", ".join(changed))
+            self.cfg = self.cfg.model_copy(update={k: getattr(cfg, k) for k in RELOADABLE})
+            self._swap(scorer)
+            return True
+
+    def reload_bundle(self) -> bool:
+        """The watcher saw the bundle change on disk: verify it, then swap it in or keep the old one."""
+        with self._reload_lock:
+            if self.watcher is not None:
+                self.watcher.rebase(fingerprint(self.cfg.bundle))
+            log.info("bundle %s changed on disk; verifying it", self.cfg.bundle)
+            try:
+                scorer = self._load_bundle(self.cfg)
+            except BundleError as e:
+                return self._refused("new bundle", e)
+            self._swap(scorer)
+            return True
+
+    def _swap(self, scorer: Scorer) -> None:
         self.pipeline.request_swap(scorer)
         self.manifest = scorer.manifest
-        self.cfg = self.cfg.model_copy(update={k: getattr(cfg, k) for k in RELOADABLE})
-        self._publish_bundle_metrics(cfg.backend)
+        self.loaded_at = time.time()
+        self.metrics.bundle_reloads.labels("ok").inc()
+        self._publish_bundle(self.cfg.backend)
         sdnotify.status(f"scoring with {self.manifest.name} {self.manifest.version}")
-        return True
+
+    def _refused(self, what: str, e: Exception) -> bool:
+        self.metrics.bundle_reloads.labels("refused").inc()
+        log.error("%s refused, still serving %s %s: %s", what, self.manifest.name, self.manifest.version, e)
+        return False
 
     # ------------------------------------------------------------ probes
 
@@ -103,25 +161,51 @@ class App:
         return (age < STALE_LOOP_S), f"pipeline loop ticked {age:.1f}s ago"
 
     def ready(self) -> tuple[bool, str]:
+        if self.fatal:
+            return False, self.fatal
         if not self.link.connected:
             return False, "not connected to the broker" + (f" ({self.link.last_refusal})" if self.link.last_refusal else "")
+        if not self._auth_ok:
+            return False, "checking that the broker refuses clients without credentials"
         return True, f"bundle {self.manifest.name} {self.manifest.version}, broker connected"
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> "App":
-        self._publish_bundle_metrics(self.cfg.backend)
+        self._publish_bundle(self.cfg.backend)
         if self.http is not None:
             self.http.start()
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.http.port)
         self.link.start()
         self._thread = threading.Thread(target=self.pipeline.run, args=(self._stop, self._tick), name="pipeline", daemon=True)
         self._thread.start()
+        if self._auth_ok is None:
+            threading.Thread(target=self._check_broker_auth, name="auth-check", daemon=True).start()
+        if self.watcher is not None:
+            self.watcher.start()
         return self
+
+    def _check_broker_auth(self) -> None:
+        """Once connected: does the broker let a stranger in? Then stop (see agent.mqtt_security)."""
+        while not self._stop.is_set() and not self.link.wait_connected(1.0):
+            pass
+        if self._stop.is_set():
+            return
+        status, why = anonymous_broker_check(self.cfg)
+        if status == "FAIL":
+            self.fatal = f"mqtt: {why}; refusing to run"
+            log.error("%s", self.fatal)
+            self._stop.set()
+            self._wake.set()
+            return
+        if status == "unknown":
+            log.warning("%s; carrying on", why)
+        self._auth_ok = True
 
     def _tick(self, handled: int) -> None:
         # Called by the pipeline loop after each pass: it made progress, or was idle with an empty queue.
-        if not self._notified_ready and self.link.connected:
+        self.checkpoints.tick(handled)
+        if not self._notified_ready and self.link.connected and self._auth_ok:
             self._notified_ready = True
             sdnotify.ready(f"scoring with {self.manifest.name} {self.manifest.version}")
             log.info("ready")
@@ -132,8 +216,9 @@ class App:
                 sdnotify.watchdog()
 
     def run(self) -> None:
-        """Run until SIGTERM/SIGINT; SIGHUP reloads (main thread only)."""
-        wake = threading.Event()
+        """Run until SIGTERM/SIGINT; SIGHUP reloads (main thread only). Raises ConfigError if the
+        agent had to stop itself for a reason the operator must fix (an anonymous broker)."""
+        wake = self._wake
 
         def on_signal(signum, frame):
             if signum == signal.SIGHUP:
@@ -159,18 +244,25 @@ class App:
                 log.error("pipeline thread died; stopping so the supervisor restarts us")
                 break
         self.stop()
+        if self.fatal:
+            raise ConfigError(self.fatal)
 
     def stop(self, drain_timeout: float = 5.0) -> None:
         sdnotify.stopping()
         self._stop.set()
+        if self.watcher is not None:
+            self.watcher.stop()
         if self._thread is not None:
             self._thread.join(drain_timeout)  # the loop drains its queue and scores the last batch
+        if self._thread is None or not self._thread.is_alive():
+            self.checkpoints.checkpoint()  # and acknowledges what it handled
         if not self.link.drain(drain_timeout):
             log.warning("%d alert(s) not acknowledged yet; they stay in the outbox", self.outbox.backlog())
         self.link.stop()
         if self.http is not None:
             self.http.stop()
         self.outbox.close()
+        self.state.close()
         log.info("stopped")
 
     def _dead_letter(self, topic: str, payload: bytes, reason: str) -> None:

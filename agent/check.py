@@ -1,4 +1,8 @@
-"""``edge-agent check``: prove a gateway is ready to run before (re)starting the service."""
+"""``edge-agent check``: prove a gateway is ready to run before (re)starting the service.
+
+One row per item (config, bundle, every backend's golden-vector parity, state dir, credentials,
+TLS, broker, broker authentication); exit 0 when no row is FAIL. ``warn`` rows do not fail.
+"""
 from __future__ import annotations
 
 import os
@@ -10,15 +14,16 @@ import numpy as np
 
 from agent.backends import FORMAT, REGISTRY, BackendUnavailable, open_backend, verify_golden
 from agent.config import AgentConfig, ConfigError
+from agent.bundle_store import BundleStore
 from agent.manifest import BundleError, load_manifest
-from agent.mqtt_link import probe
+from agent.mqtt_security import anonymous_broker_check, anonymous_policy_error, try_connect
 from agent.scoring import Scorer
 
 
 @dataclass
 class Row:
     item: str
-    status: str  # ok | FAIL | skip
+    status: str  # ok | warn | FAIL | skip
     detail: str
 
 
@@ -27,7 +32,7 @@ def run_checks(cfg: AgentConfig, broker: bool = True, timeout: float = 3.0) -> l
     try:
         m = load_manifest(cfg.bundle)
         rows.append(Row("bundle", "ok", f"{m.name} {m.version}: {len(m.features)} features, window {m.window}, "
-                                       f"threshold {m.threshold.value:.4g}, hashes verified"))
+                                       f"threshold {m.threshold.value:.4g}, hashes verified{_layout(cfg.bundle)}"))
     except BundleError as e:
         rows.append(Row("bundle", "FAIL", str(e)))
         m = None
@@ -40,15 +45,54 @@ def run_checks(cfg: AgentConfig, broker: bool = True, timeout: float = 3.0) -> l
             rows.append(Row("mqtt password", "ok", str(cfg.mqtt.password_file)))
         except ConfigError as e:
             rows.append(Row("mqtt password", "FAIL", str(e)))
+    rows.append(_tls_row(cfg))
     if broker:
         try:
-            ok, why = probe(cfg, timeout)
+            outcome, why = try_connect(cfg, timeout)
         except ConfigError as e:
-            ok, why = False, str(e)
-        rows.append(Row("broker", "ok" if ok else "FAIL", why))
+            outcome, why = "refused", str(e)
+        rows.append(Row("broker", "ok" if outcome == "accepted" else "FAIL", why))
     else:
         rows.append(Row("broker", "skip", "--no-broker"))
+    rows.append(_auth_row(cfg, broker, timeout))
     return rows
+
+
+def _layout(bundle) -> str:
+    """Where the bundle symlink points, and the rollback target, when the bundles/ layout is used."""
+    store = BundleStore(bundle)
+    cur, prev = store.current(), store.previous()
+    if cur is None:
+        return ""
+    return f" ({store.link.name} -> {cur.name}" + (f", rollback to {prev.name})" if prev else ", no previous bundle)")
+
+
+def _tls_row(cfg: AgentConfig) -> Row:
+    m = cfg.mqtt
+    if not m.tls.enabled:
+        if m.username and not m.loopback:
+            return Row("mqtt tls", "warn", f"off: the password crosses the network to {m.host} in clear text")
+        return Row("mqtt tls", "skip", "off" + (" (loopback broker)" if m.loopback else ""))
+    parts = [f"CA {m.tls.ca_file}" if m.tls.ca_file else "system CAs"]
+    if m.tls.cert_file:
+        parts.append(f"client certificate {m.tls.cert_file}")
+    if m.tls.insecure:
+        return Row("mqtt tls", "warn", ", ".join(parts) + "; hostname verification OFF (tls.insecure: testing only)")
+    return Row("mqtt tls", "ok", ", ".join(parts) + "; hostname verified")
+
+
+def _auth_row(cfg: AgentConfig, broker: bool, timeout: float) -> Row:
+    why = anonymous_policy_error(cfg)
+    if why:
+        return Row("mqtt auth", "FAIL", why)
+    if not broker:
+        return Row("mqtt auth", "skip", "--no-broker")
+    try:
+        status, detail = anonymous_broker_check(cfg, timeout)
+    except ConfigError as e:
+        return Row("mqtt auth", "FAIL", str(e))
+    who = f"user {cfg.mqtt.username}" if cfg.mqtt.username else "anonymous"
+    return Row("mqtt auth", "warn" if status == "unknown" else status, f"{who}; {detail}")
 
 
 def _backend_row(cfg: AgentConfig, m, name: str) -> Row:

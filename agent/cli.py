@@ -1,11 +1,10 @@
-"""``edge-agent``: run the gateway service, check a gateway, replay CSV telemetry.
+"""``edge-agent``: run the gateway service, check a gateway, install and roll back bundles, replay CSV telemetry.
 
 Bad input ends with one line ``edge-agent: error: ...`` and a non-zero exit, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import threading
@@ -29,6 +28,8 @@ MAIN_EPILOG = """\
 examples:
   edge-agent check --config /etc/edgewatch/agent.yaml
   edge-agent run --config /etc/edgewatch/agent.yaml
+  edge-agent install-bundle ./pump-vae-1.3.0 --config /etc/edgewatch/agent.yaml
+  edge-agent rollback --config /etc/edgewatch/agent.yaml
   EDGEWATCH_BUNDLE=/var/lib/edgewatch/bundle edge-agent run
   edge-agent replay --csv pump-01.csv --rate 10 --broker 127.0.0.1:1883
 """
@@ -37,14 +38,31 @@ RUN_HELP = """\
 Run the service until SIGTERM/SIGINT. Loads and verifies the bundle (hashes, golden
 vectors), serves /metrics, /healthz and /readyz, connects to the broker with a persistent
 session, and tells systemd READY=1 once the bundle is loaded and the broker accepted it.
-SIGHUP (systemctl reload) re-reads the config and bundle: a bundle that fails its checks
-is refused and the one in service stays; connection and topic changes need a restart.
+SIGHUP (systemctl reload) re-reads the config and bundle, and the bundle directory is
+watched (bundle_watch_s): a bundle that fails its checks is refused and the one in service
+stays; connection and topic changes need a restart.
 """
 
 CHECK_HELP = """\
 Validate the configuration and the bundle, run the golden vectors and one test inference
-on every installed backend, and try to connect to the broker. Prints a table; exits 0
-when nothing failed, 1 otherwise. Safe next to a running agent (it uses its own client id).
+on every installed backend, and try to connect to the broker (with TLS and credentials as
+configured; where anonymous clients are not allowed, also check that the broker refuses
+them). Prints a table; exits 0 when nothing failed, 1 otherwise. Safe next to a running
+agent (it uses its own client id).
+"""
+
+INSTALL_BUNDLE_HELP = """\
+Verify a bundle (schema, sha256 of every file, golden vectors on the configured backend),
+copy it to bundles/<name>-<version>/ next to the configured bundle path, and switch the
+bundle symlink to it atomically; bundle.previous then names the bundle it replaced. The
+running agent picks the switch up within bundle_watch_s seconds (or on systemctl reload),
+verifies it again and keeps serving the old one if it refuses it.
+"""
+
+ROLLBACK_HELP = """\
+Switch the bundle symlink back to bundle.previous (after verifying it); bundle.previous
+then names the bundle rolled away from, so a second rollback undoes the first. The running
+agent picks it up like any other switch.
 """
 
 REPLAY_HELP = """\
@@ -86,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-broker", action="store_true", help="skip the broker connection test")
     c.add_argument("--timeout", type=float, default=3.0, metavar="S", help="broker connection timeout (default 3)")
 
+    ib = sub.add_parser("install-bundle", help="verify a bundle, install it side by side and switch to it",
+                        description=INSTALL_BUNDLE_HELP, formatter_class=_formatter)
+    ib.add_argument("src", metavar="SRC", help="bundle directory (manifest.json and model files)")
+    ib.add_argument("--config", metavar="FILE", help="agent config (bundle path and backend)")
+    ib.add_argument("--no-activate", action="store_true", help="install only; do not switch the symlink")
+
+    rb = sub.add_parser("rollback", help="switch back to the previous bundle", description=ROLLBACK_HELP,
+                        formatter_class=_formatter)
+    rb.add_argument("--config", metavar="FILE", help="agent config (bundle path and backend)")
+
     rp = sub.add_parser("replay", help="publish CSV files as telemetry", description=REPLAY_HELP,
                         epilog=REPLAY_EPILOG, formatter_class=_formatter)
     rp.add_argument("--csv", metavar="PATH", action="append", required=True, help="CSV file; repeat for several devices")
@@ -103,33 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ------------------------------------------------------------------ logging
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("paho").setLevel(max(logging.INFO, root.level))  # paho's DEBUG logs every packet
-
-
 # ------------------------------------------------------------------ commands
 
 def cmd_run(args) -> int:
     from agent.app import App
     from agent.config import load_config
+    from agent.logging_setup import setup_logging
 
     cfg = load_config(args.config)
-    setup_logging(cfg.log.format, cfg.log.level)
+    setup_logging(cfg.log.format, cfg.log.level, static={"agent": cfg.agent_id})
     logging.getLogger(__name__).info("edge-agent %s starting (agent %s)", __version__, cfg.agent_id)
     App(cfg, args.config).run()
     return 0
@@ -146,6 +156,46 @@ def cmd_check(args) -> int:
     ok = passed(rows)
     print("check passed" if ok else "check FAILED")
     return 0 if ok else EXIT_FAIL
+
+
+def _store_and_verify(config: str | None):
+    from agent.bundle_store import BundleStore, verify_bundle
+    from agent.config import load_config
+
+    cfg = load_config(config)
+    return cfg, BundleStore(cfg.bundle), lambda path: verify_bundle(path, cfg.backend, cfg.threads)
+
+
+def _pickup(cfg) -> str:
+    if cfg.bundle_watch_s > 0:
+        return f"the running agent switches within ~{2 * cfg.bundle_watch_s:g}s (or now: systemctl reload edgewatch-agent)"
+    return "bundle_watch_s is 0: apply it with systemctl reload edgewatch-agent"
+
+
+def cmd_install_bundle(args) -> int:
+    logging.basicConfig(level=logging.ERROR)
+    cfg, store, verify = _store_and_verify(args.config)
+    dest, m, switched = store.install(args.src, verify, activate=not args.no_activate)
+    print(f"verified {m.name} {m.version} ({len(m.features)} features, threshold {m.threshold.value:.4g}, {cfg.backend})")
+    print(f"installed {dest}")
+    if args.no_activate:
+        print(f"not activated; {store.link} -> {store.current() or '(none)'}")
+    elif not switched:
+        print(f"{store.link} already points to {dest.name}")
+    else:
+        prev = store.previous()
+        print(f"{store.link} -> {dest.name}" + (f" (previous: {prev.name})" if prev else ""))
+        print(_pickup(cfg))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    logging.basicConfig(level=logging.ERROR)
+    cfg, store, verify = _store_and_verify(args.config)
+    to, frm = store.rollback(verify)
+    print(f"{store.link} -> {to.name}" + (f" (was {frm.name}; {store.previous_link.name} now points there)" if frm else ""))
+    print(_pickup(cfg))
+    return 0
 
 
 def cmd_replay(args) -> int:
@@ -194,7 +244,8 @@ def cmd_replay(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "replay": cmd_replay}
+COMMANDS = {"run": cmd_run, "check": cmd_check, "install-bundle": cmd_install_bundle, "rollback": cmd_rollback,
+            "replay": cmd_replay}
 
 
 def main(argv: list[str] | None = None) -> int:

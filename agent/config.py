@@ -8,6 +8,7 @@ Relative paths are relative to the working directory (systemd ``WorkingDirectory
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -67,23 +68,48 @@ class MqttConfig(_Section):
     )
     reconnect_min_s: int = Field(1, ge=1, description="First reconnect delay; doubles up to reconnect_max_s.")
     reconnect_max_s: int = Field(30, ge=1, description="Longest reconnect delay.")
+    receive_maximum: int | None = Field(
+        None, ge=2, le=65535,
+        description="Most telemetry messages the broker may send before we acknowledge them (we acknowledge once "
+        "a state checkpoint holds them). MQTT 5: sent to the broker; default queue.max_messages, at most 65535. "
+        "MQTT 3.1.1: the broker decides (mosquitto max_inflight_messages, default 20): set it to the broker's value.",
+    )
     username: str | None = Field(None, description="Broker user name.")
     password_file: Path | None = Field(
         None, description="File holding the broker password, e.g. $CREDENTIALS_DIRECTORY/mqtt_password (never inline)."
     )
-    allow_anonymous: bool = Field(True, description="Allow connecting without a user name.")
+    allow_anonymous: bool | None = Field(
+        None,
+        description="Connecting without credentials, and to a broker that lets anyone connect without them. "
+        "None (default): allowed only for a loopback broker (demo, a broker on this gateway); "
+        "false: require credentials and refuse a broker that also accepts anonymous clients; true: allow.",
+    )
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
 
     @model_validator(mode="after")
     def _auth(self) -> "MqttConfig":
         if self.password_file is not None and not self.username:
             raise ValueError("password_file needs a username")
-        if not self.allow_anonymous and not self.username:
+        if self.allow_anonymous is False and not self.username:
             raise ValueError("allow_anonymous is false but no username is set")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         self.password_file = _expand(self.password_file)
         return self
+
+    @property
+    def loopback(self) -> bool:
+        """The broker is on this machine (by address or the name localhost; no DNS lookup)."""
+        h = self.host.strip("[]").lower()
+        if h == "localhost" or h.endswith(".localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(h).is_loopback
+        except ValueError:
+            return False
+
+    def anonymous_allowed(self) -> bool:
+        return self.allow_anonymous if self.allow_anonymous is not None else self.loopback
 
     def password(self) -> str | None:
         """Read the secret now (not at config load) so rotated credentials are picked up."""
@@ -96,6 +122,17 @@ class MqttConfig(_Section):
 
 
 PayloadFormat = Literal["json", "flat", "per_sensor"]
+
+
+class PartitionConfig(_Section):
+    index: int = Field(ge=0, description="This agent's partition, 0..count-1.")
+    count: int = Field(ge=1, le=1024, description="Number of partitions (agents) the devices are spread over.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "PartitionConfig":
+        if self.index >= self.count:
+            raise ValueError(f"index {self.index} must be < count {self.count}")
+        return self
 
 
 class TopicsConfig(_Section):
@@ -113,7 +150,17 @@ class TopicsConfig(_Section):
     alerts: str = Field("edgewatch/alerts/{device}", description="Alert topic (QoS 1), with {device}.")
     state: str = Field("edgewatch/state/{device}", description="Retained current-state topic, with {device}.")
     status: str = Field("edgewatch/status/{agent_id}", description="Retained online/offline topic, with {agent_id}.")
+    model: str = Field(
+        "edgewatch/status/{agent_id}/model",
+        description="Retained JSON naming the bundle in service (name, version, backend, loaded_at), with {agent_id}.",
+    )
     dead_letter: str | None = Field(None, description="If set, invalid payloads are republished here (QoS 0) with a reason.")
+    partition: PartitionConfig | None = Field(
+        None,
+        description="Scale-out: score only the devices of one partition (crc32(device) % count == index); "
+        "the others are dropped (counted as other_partition). With {partition} in the telemetry patterns the "
+        "agent subscribes to its own partition only, so the broker routes each device to one agent.",
+    )
 
     @model_validator(mode="after")
     def _placeholders(self) -> "TopicsConfig":
@@ -122,12 +169,15 @@ class TopicsConfig(_Section):
                 raise ValueError(f"telemetry pattern {p!r} needs exactly one {{device}}")
             if (self.format == "per_sensor") != ("{sensor}" in p):
                 raise ValueError(f"telemetry pattern {p!r}: {{sensor}} is required by, and only by, format per_sensor")
+            if p.count("{partition}") > 1 or ("{partition}" in p and self.partition is None):
+                raise ValueError(f"telemetry pattern {p!r}: {{partition}} appears at most once, and needs topics.partition")
         for name in ("alerts", "state"):
             t = getattr(self, name)
             if "{device}" not in t or "+" in t or "#" in t:
                 raise ValueError(f"{name} topic {t!r} needs {{device}} and no wildcards")
-        if "+" in self.status or "#" in self.status:
-            raise ValueError("status topic cannot contain wildcards")
+        for name in ("status", "model"):
+            if "+" in getattr(self, name) or "#" in getattr(self, name):
+                raise ValueError(f"{name} topic cannot contain wildcards")
         return self
 
 
@@ -137,7 +187,20 @@ class BatchingConfig(_Section):
 
 
 class QueueConfig(_Section):
-    max_messages: int = Field(10_000, ge=1, description="Received messages buffered for the pipeline; beyond, new ones are dropped (counted).")
+    max_messages: int = Field(
+        10_000, ge=1,
+        description="Received messages buffered for the pipeline; when full the network thread waits for room "
+        "(the broker keeps the rest queued), and drops (counted as queue_full) after full_wait_ms without room.",
+    )
+    full_wait_ms: float = Field(
+        1000.0, ge=0, le=60_000,
+        description="How long a full queue may hold the network thread before a message is dropped: backpressure "
+        "for a backlog, a bound for a wedged pipeline (keep it well under mqtt.keepalive).",
+    )
+    max_bytes: int = Field(
+        64 * 1024 * 1024, ge=65_536,
+        description="Payload bytes buffered for the pipeline; beyond, new messages are dropped (counted as queue_full).",
+    )
 
 
 class MetricsConfig(_Section):
@@ -162,7 +225,16 @@ class AgentConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGEWATCH_", env_nested_delimiter="__", extra="forbid")
 
     agent_id: str = Field(default_factory=socket.gethostname, description="This gateway's name in topics and alerts.")
-    bundle: Path = Field(Path("bundle"), description="Bundle directory (manifest.json and model files).")
+    bundle: Path = Field(
+        Path("bundle"),
+        description="Bundle directory (manifest.json and model files); in production a symlink into bundles/ "
+        "next to it, switched by `edge-agent install-bundle` and `edge-agent rollback`.",
+    )
+    bundle_watch_s: float = Field(
+        5.0, ge=0, le=3600,
+        description="Check the bundle (symlink target, manifest and files) this often and hot-reload it when it "
+        "changes; 0 = only on SIGHUP.",
+    )
     backend: Literal["onnxruntime", "litert"] = Field("onnxruntime", description="Inference runtime.")
     threads: int = Field(1, ge=1, le=64, description="Inference threads (1 suits small models on a shared gateway).")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
@@ -194,6 +266,10 @@ class AgentConfig(BaseSettings):
     @property
     def status_topic(self) -> str:
         return self.topics.status.replace("{agent_id}", self.agent_id)
+
+    @property
+    def model_topic(self) -> str:
+        return self.topics.model.replace("{agent_id}", self.agent_id)
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -12,7 +12,7 @@ INFERENCE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 INVALID_REASONS = REASONS + ("out_of_order",)
-DROP_REASONS = ("queue_full", "unknown_device_cap")
+DROP_REASONS = ("queue_full", "unknown_device_cap", "other_partition")
 
 
 class Metrics:
@@ -30,6 +30,10 @@ class Metrics:
         self.alerts = Counter("edgewatch_alerts", "Alerts emitted by state.", ["state"], registry=r)
         self.publish_failures = Counter(
             "edgewatch_alert_publish_failures", "Alerts the broker refused (kept in the outbox).", registry=r
+        )
+        self.checkpoint_failures = Counter(
+            "edgewatch_checkpoint_failures", "State checkpoints that could not be written (telemetry acknowledged anyway).",
+            registry=r,
         )
         self.inference = Histogram(
             "edgewatch_inference_seconds", "Backend time per micro-batch.", buckets=INFERENCE_BUCKETS, registry=r
@@ -49,6 +53,13 @@ class Metrics:
         self.threshold = Gauge("edgewatch_threshold", "Alert threshold of the loaded bundle.", registry=r)
         self.devices = Gauge("edgewatch_devices", "Devices tracked.", registry=r)
         self.bundle = Info("edgewatch_bundle", "Loaded bundle and backend.", registry=r)
+        self.bundle_loaded = Gauge(
+            "edgewatch_bundle_loaded_timestamp_seconds", "When the bundle in service was loaded (Unix time).", registry=r
+        )
+        self.bundle_reloads = Counter(
+            "edgewatch_bundle_reloads", "Bundle hot-reload attempts by result (ok, refused: the old bundle stays).",
+            ["result"], registry=r,
+        )
         # Pre-create label children so dashboards see zeros, not gaps.
         for res in ("ok", "invalid", "dropped"):
             self.messages.labels(res)
@@ -58,6 +69,8 @@ class Metrics:
             self.dropped.labels(reason)
         for state in ("raised", "cleared"):
             self.alerts.labels(state)
+        for result in ("ok", "refused"):
+            self.bundle_reloads.labels(result)
 
     def invalid_message(self, reason: str) -> None:
         self.messages.labels("invalid").inc()

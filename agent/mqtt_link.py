@@ -6,18 +6,24 @@
   re-subscribes everything, then publishes the retained ``online`` birth message. A refused
   CONNACK is not "connected".
 - The network thread only hands messages off (``on_message`` callback → bounded queue).
+- Manual acks (``manual_ack=True``, what the agent uses): telemetry is acknowledged only once
+  a state checkpoint holds it (``ack_through``, see agent.checkpoint), so after a crash the
+  broker redelivers what the agent had not yet made durable. MQTT 5 announces a receive
+  maximum, so the broker holds back (keeps queued) what the pipeline cannot take yet.
 - Alerts: outbox first, then QoS 1 publish; the outbox row is deleted on PUBACK. paho keeps
   unacknowledged and not-yet-sent QoS 1 messages in its ordered queue across reconnects,
   so alerts raised while disconnected go out, in order, after the reconnect; alerts left
-  in the outbox by a previous process are queued again at start.
+  in the outbox by a previous process are queued again at start. An alert the broker
+  refuses (a PUBACK failure code) is published again with backoff while we run.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import ssl
+import sys
 import threading
 import time
-import uuid
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -27,11 +33,13 @@ from paho.mqtt.properties import Properties
 
 from agent.config import AgentConfig, ConfigError
 from agent.metrics import Metrics
+from agent.mqtt_security import describe_connect_error, describe_early_close, describe_refusal
 from agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-OnMessage = Callable[[str, bytes, float], None]  # (topic, payload, receive epoch seconds)
+# (topic, payload, receive epoch seconds[, token with manual acks]) -> False if not queued
+OnMessage = Callable[..., object]
 
 
 class LinkError(Exception):
@@ -63,17 +71,27 @@ def make_client(cfg: AgentConfig, client_id: str, persistent: bool) -> mqtt.Clie
     return client
 
 
-def _connect_args(cfg: AgentConfig, persistent: bool) -> dict:
+def _connect_args(cfg: AgentConfig, persistent: bool, receive_maximum: int | None = None) -> dict:
     m = cfg.mqtt
     if m.protocol != "5":
         return {}
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = m.session_expiry_s if persistent else 0
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
     return {"clean_start": not persistent, "properties": props}
 
 
+def receive_maximum(cfg: AgentConfig) -> int:
+    """How many telemetry messages the broker may have sent us unacknowledged (see MqttConfig.receive_maximum)."""
+    if cfg.mqtt.receive_maximum is not None:
+        return cfg.mqtt.receive_maximum
+    return min(cfg.queue.max_messages, 65535) if cfg.mqtt.protocol == "5" else 20
+
+
 class MqttLink:
-    def __init__(self, cfg: AgentConfig, on_message: OnMessage, metrics: Metrics, outbox: Outbox | None = None):
+    def __init__(self, cfg: AgentConfig, on_message: OnMessage, metrics: Metrics, outbox: Outbox | None = None,
+                 manual_ack: bool = False):
         self.cfg = cfg
         self.metrics = metrics
         self.outbox = outbox
@@ -84,15 +102,26 @@ class MqttLink:
         self._lock = threading.Lock()  # guards the two dicts below; never held while calling paho
         self._inflight: dict[int, tuple[int | None, float | None]] = {}  # mid -> (outbox seq, t0)
         self._early: dict[int, bool] = {}  # PUBACKs that beat _track (mid -> success)
-        self.last_refusal: str | None = None
+        self.last_refusal: str | None = None  # why the last attempt failed (CONNACK, TLS, network), for /readyz
+        self._got_connack = False
         self._stopping = False
+        # Manual acks: received QoS 1 messages of this connection, in arrival order, as
+        # [token, mid, qos, not_queued]; the token is what on_message got (pipeline progress).
+        self.manual_ack = manual_ack
+        self._acks: collections.deque[list] = collections.deque()
+        self._ack_lock = threading.Lock()
+        self._token = 0
+        self._retries: dict[int, int] = {}  # outbox seq -> attempts refused by the broker
+        self._timers: set[threading.Timer] = set()
         c = self.client = make_client(cfg, cfg.client_id, persistent=True)
+        c.manual_ack_set(manual_ack)
         c.suppress_exceptions = True  # a bug in a callback must not kill the network thread
         c.enable_logger(logging.getLogger("paho"))
         c.will_set(self.status_topic, b"offline", qos=1, retain=True)
         c.reconnect_delay_set(cfg.mqtt.reconnect_min_s, cfg.mqtt.reconnect_max_s)
         c.max_queued_messages_set(0)  # unbounded: alerts are never dropped by paho while offline
         c.on_connect = self._cb_connect
+        c.on_connect_fail = self._cb_connect_fail
         c.on_disconnect = self._cb_disconnect
         c.on_message = self._cb_message
         c.on_publish = self._cb_publish
@@ -123,7 +152,8 @@ class MqttLink:
             self._update_backlog()
         m = self.cfg.mqtt
         log.info("connecting to mqtt://%s:%d as %s (MQTT %s)", m.host, m.port, self.cfg.client_id, m.protocol)
-        self.client.connect_async(m.host, m.port, m.keepalive, **_connect_args(self.cfg, persistent=True))
+        rmax = receive_maximum(self.cfg) if self.manual_ack else None
+        self.client.connect_async(m.host, m.port, m.keepalive, **_connect_args(self.cfg, persistent=True, receive_maximum=rmax))
         self.client.loop_start()
 
     def drain(self, timeout: float) -> bool:
@@ -141,6 +171,8 @@ class MqttLink:
     def stop(self, timeout: float = 2.0) -> None:
         """Publish the retained ``offline`` (a clean disconnect suppresses the last will), then disconnect."""
         self._stopping = True
+        for t in list(self._timers):
+            t.cancel()
         if self.connected:
             info = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
             try:
@@ -155,7 +187,12 @@ class MqttLink:
 
     def send_alert(self, topic: str, payload: bytes, state_topic: str | None, t0: float | None = None) -> int:
         """Persist, then publish an alert (QoS 1) and its retained state. Returns the outbox seq."""
-        seq = self.outbox.put(topic, payload, state_topic) if self.outbox is not None else None
+        seq = None
+        if self.outbox is not None:
+            try:
+                seq = self.outbox.put(topic, payload, state_topic)
+            except Exception:  # disk full, I/O error: still publish (paho keeps it while we run)
+                log.exception("cannot persist an alert in the outbox; publishing it without")
         self._publish_alert(seq, topic, payload, state_topic, t0)
         self._update_backlog()
         return seq if seq is not None else -1
@@ -169,7 +206,14 @@ class MqttLink:
 
     def _publish_alert(self, seq: int | None, topic: str, payload: bytes, state_topic: str | None, t0: float | None) -> None:
         # While disconnected paho keeps the message (rc NO_CONN) and sends it after the next CONNACK.
-        info = self.client.publish(topic, payload, qos=1)
+        try:
+            info = self.client.publish(topic, payload, qos=1)
+        except ValueError as e:  # a topic MQTT cannot carry: it never will, so do not keep it
+            log.error("alert on %r cannot be published (%s); dropped from the outbox", topic[:200], e)
+            self.metrics.publish_failures.inc()
+            if seq is not None and self.outbox is not None:
+                self.outbox.ack(seq)
+            return
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.error("alert publish on %s failed (%s); kept in the outbox", topic, mqtt.error_string(info.rc))
         self._track(info.mid, seq, t0)
@@ -189,13 +233,44 @@ class MqttLink:
             return
         if not ok:
             self.metrics.publish_failures.inc()
-            log.error("broker refused alert (outbox seq %d); kept in the outbox for the next start", seq)
+            self._retry_later(seq)
             return
+        self._retries.pop(seq, None)
         if self.outbox is not None:
             self.outbox.ack(seq)
             self._update_backlog()
         if t0 is not None:
             self.metrics.latency.labels("published").observe(max(0.0, time.time() - t0))
+
+    def _retry_later(self, seq: int) -> None:
+        """The broker refused the alert (PUBACK failure code): publish it again with backoff."""
+        n = self._retries[seq] = self._retries.get(seq, 0) + 1
+        m = self.cfg.mqtt
+        delay = min(float(m.reconnect_max_s), m.reconnect_min_s * 2.0 ** (n - 1))
+        log.error("broker refused alert (outbox seq %d, attempt %d); kept in the outbox, retrying in %gs", seq, n, delay)
+        if self._stopping:
+            return
+        t = threading.Timer(delay, self._retry, (seq,))
+        t.daemon = True
+        self._timers.add(t)
+        t.start()
+
+    def _retry(self, seq: int) -> None:
+        self._timers.discard(threading.current_thread())
+        e = self.outbox.get(seq) if self.outbox is not None and not self._stopping else None
+        if e is not None:  # else acknowledged meanwhile
+            self._publish_alert(e.seq, e.topic, e.payload, e.state_topic, None)
+
+    # ------------------------------------------------------------ manual acks
+
+    def ack_through(self, token: int) -> None:
+        """PUBACK every received message up to ``token`` (the pipeline progress a checkpoint
+        holds), in arrival order, and the ones not queued (dropped, counted) right behind them."""
+        with self._ack_lock:  # held while calling paho: a reconnect cannot slip a stale mid in
+            acks = self._acks
+            while acks and (acks[0][0] <= token or acks[0][3]):
+                _, mid, qos, _ = acks.popleft()
+                self.client.ack(mid, qos)
 
     def _update_backlog(self) -> None:
         if self.outbox is not None:
@@ -207,13 +282,29 @@ class MqttLink:
         (self._connected.set if up else self._connected.clear)()
         self.metrics.connected.set(1 if up else 0)
 
+    def _failed(self, why: str, level: int) -> None:
+        # Retries repeat the same failure every few seconds: log it when it changes, not each time.
+        if why != self.last_refusal:
+            log.log(level, "%s (will retry)", why)
+        else:
+            log.debug("%s (will retry)", why)
+        self.last_refusal = why
+
+    def _cb_connect_fail(self, client, userdata) -> None:
+        # paho calls this inside its `except OSError:` block, so the exception is still current.
+        e = sys.exc_info()[1]
+        why = describe_connect_error(e, self.cfg) if e is not None else "connection to the broker failed"
+        self._failed(why, logging.ERROR if isinstance(e, ssl.SSLError) else logging.WARNING)
+
     def _cb_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._got_connack = True
         if reason_code.is_failure:
-            self.last_refusal = str(reason_code)
-            log.error("broker refused the connection: %s (will retry)", reason_code)
+            self._failed(f"broker refused the connection: {describe_refusal(str(reason_code), self.cfg)}", logging.ERROR)
             self._set_connected(False)
             return
         self.last_refusal = None
+        with self._ack_lock:  # mids of the previous connection are void: the broker redelivers those messages
+            self._acks.clear()
         log.info("connected to broker (session present: %s)", flags.session_present)
         subs = list(self._subs.items())
         if subs:
@@ -226,6 +317,9 @@ class MqttLink:
             log.info("disconnected from broker (stopping)")
         elif self.connected:
             log.warning("disconnected from broker: %s (reconnecting with backoff)", reason_code)
+        elif not self._got_connack:
+            self._failed(describe_early_close(str(reason_code), self.cfg), logging.ERROR)
+        self._got_connack = False
         self._set_connected(False)
 
     def _cb_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -238,7 +332,16 @@ class MqttLink:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = msg._topic.decode("utf-8", "replace")
-        self._on_message(topic, msg.payload, time.time())
+        if not self.manual_ack:
+            self._on_message(topic, msg.payload, time.time())
+            return
+        self._token += 1
+        entry = [self._token, msg.mid, msg.qos, False]
+        if msg.qos:
+            with self._ack_lock:
+                self._acks.append(entry)
+        if self._on_message(topic, msg.payload, time.time(), self._token) is False:
+            entry[3] = True  # not queued (counted as dropped or invalid): acknowledge it in turn
 
     def _cb_publish(self, client, userdata, mid, reason_code, properties) -> None:
         ok = not reason_code.is_failure
@@ -249,32 +352,3 @@ class MqttLink:
                 return
         self._acked(entry[0], entry[1], ok)
 
-
-def probe(cfg: AgentConfig, timeout: float = 3.0) -> tuple[bool, str]:
-    """Try one connection (for ``edge-agent check``) without touching the agent's session."""
-    done = threading.Event()
-    result: list[str] = []
-
-    def on_connect(client, userdata, flags, reason_code, properties):
-        result.append("" if not reason_code.is_failure else str(reason_code))
-        done.set()
-
-    # A throwaway client id: reusing the agent's would kick a running agent off the broker.
-    client = make_client(cfg, f"edgewatch-check-{uuid.uuid4().hex[:8]}", persistent=False)
-    client.on_connect = on_connect
-    client.connect_timeout = timeout
-    m = cfg.mqtt
-    try:
-        client.connect(m.host, m.port, keepalive=10, **_connect_args(cfg, persistent=False))
-    except (OSError, ValueError) as e:
-        return False, f"cannot reach {m.host}:{m.port}: {e}"
-    client.loop_start()
-    try:
-        if not done.wait(timeout):
-            return False, f"no CONNACK from {m.host}:{m.port} within {timeout:g}s"
-        if result[0]:
-            return False, f"{m.host}:{m.port} refused the connection: {result[0]}"
-        return True, f"{m.host}:{m.port} accepted the connection"
-    finally:
-        client.disconnect()
-        client.loop_stop()

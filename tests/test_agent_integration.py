@@ -125,19 +125,10 @@ def wait_until(pred, timeout: float = 10.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-# conftest's mosquitto, started as root, drops to the "mosquitto" user and then cannot write its
-# persistence file under pytest's 0700 tmp dirs, so sessions would not survive a restart.
-# "user root" keeps it able to (the setting is ignored when not started as root).
-KEEP_USER = "user root\n" if os.geteuid() == 0 else ""
-
-
 @pytest.fixture
-def own_broker(tmp_path):
+def own_broker(fresh_broker):
     """A restartable mosquitto whose persistence works (sessions survive a stop/start)."""
-    (tmp_path / "broker").mkdir()
-    b = Broker(tmp_path / "broker", extra_conf=KEEP_USER).start()
-    yield b
-    b.stop()
+    return fresh_broker
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +256,7 @@ def test_refused_connack_is_not_connected(tmp_path, tiny, prefix):
     pw.write_text("")
     subprocess.run(["mosquitto_passwd", "-b", str(pw), "agent", "s3cret"], check=True, capture_output=True)
     (tmp_path / "b").mkdir()
-    b = Broker(tmp_path / "b", extra_conf=f"{KEEP_USER}allow_anonymous false\npassword_file {pw}\n").start()
+    b = Broker(tmp_path / "b", extra_conf=f"allow_anonymous false\npassword_file {pw}\n").start()
     wrong, right = tmp_path / "wrong", tmp_path / "right"
     wrong.write_text("nope\n")
     right.write_text("s3cret\n")
