@@ -1,0 +1,168 @@
+"""Export the VAE to ONNX (dynamic batch) and TFLite (fixed batches), with golden vectors.
+
+ONNX: one self-contained file (no external data), opset 18, input ``x``, output ``recon``.
+TFLite via litert-torch: graphs have a fixed batch, so batches 1, 8 and 64 are separate
+files (the agent's LiteRT backend chunks and pads any batch onto them), plus dynamic-range
+int8 variants made with ai-edge-quantizer, kept only if they pass their golden check.
+litert-torch names the tensors ``serving_default_args_0`` / ``serving_default_output_0_output``
+(signature keys ``args_0`` / ``output_0``); the LiteRT backend orders them by signature key.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.manifest import ModelEntry, ModelFile, sha256_file
+
+log = logging.getLogger("trainer")
+
+OPSET = 18
+TFLITE_BATCHES = (1, 8, 64)
+INPUTS, OUTPUTS = ["x"], ["recon"]
+# Max abs difference from the PyTorch golden outputs (scaled units, |recon| mostly < 10).
+# Float runtimes measure ~1e-6 (summation order only); the agent allows quantised files 50x
+# this, and dynamic-range int8 (activations quantised on the fly) measured 0.02-0.06, so 2e-3.
+# Any real mismatch (wrong file, wrong tensor order) is off by far more than either bound.
+TOLERANCE = 2e-3
+
+
+def _quiet_env() -> None:
+    # The converters print progress and oneDNN/absl banners to stdout; keep the CLI's output ours.
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@contextlib.contextmanager
+def silenced():
+    """Send stdout/stderr (Python and C level) to a scratch file while a converter runs.
+
+    torch.onnx, onnxscript, litert-torch, TF/absl and XNNPACK print banners and progress from
+    C++ as well as Python; the CLI's own output stays readable. Exceptions still propagate.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as scratch, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        try:
+            os.dup2(scratch.fileno(), 1)
+            os.dup2(scratch.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def _file(bundle_dir: Path, name: str, batch: int | None = None, quant: str = "float32") -> ModelFile:
+    return ModelFile(path=name, sha256=sha256_file(bundle_dir / name), batch=batch, quantization=quant)
+
+
+def export_onnx(model, path: Path, window: int, n_features: int) -> None:
+    import torch
+
+    sample = torch.zeros(2, window, n_features)  # batch 2: a batch of 1 would be specialised away
+    with silenced(), torch.no_grad():
+        torch.onnx.export(
+            model.eval(), (sample,), str(path), input_names=INPUTS, output_names=OUTPUTS,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=OPSET,
+            external_data=False, verbose=False,
+        )
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def export_tflite(model, path: Path, batch: int, window: int, n_features: int) -> None:
+    _quiet_env()
+    import torch
+
+    with silenced():
+        import litert_torch  # its import chain (torchao, TF, JAX) prints banners
+
+        litert_torch.convert(model.eval(), (torch.zeros(batch, window, n_features),)).export(str(path))
+
+
+def quantize_dynamic_int8(src: Path, dst: Path) -> None:
+    """int8 weights, float activations (no calibration data needed)."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    with silenced():
+        result = quantizer.Quantizer(str(src), recipe.dynamic_wi8_afp32()).quantize()
+        result.export_model(str(dst), overwrite=True)
+
+
+def _run_tflite(path: Path, x: np.ndarray) -> np.ndarray:
+    from agent.backends.litert_backend import LiteRTBackend
+
+    entry = ModelEntry(inputs=INPUTS, outputs=OUTPUTS, files={})
+    f = ModelFile(path=path.name, sha256="", batch=None)
+    with silenced():
+        return LiteRTBackend(path.parent, entry, [f]).run(x)[0]
+
+
+def export_vae(model, bundle_dir: Path, golden_x: np.ndarray, int8: bool = True) -> tuple[ModelEntry, dict[str, float]]:
+    """Write vae.onnx, vae_b{1,8,64}.tflite (+ int8 variants) and vae_golden.npz; return the entry and timings."""
+    from trainer.vae import reconstruct
+
+    _quiet_env()
+    bundle_dir = Path(bundle_dir)
+    W, F = model.window, model.n_features
+    times: dict[str, float] = {}
+    t = time.monotonic()
+    export_onnx(model, bundle_dir / "vae.onnx", W, F)
+    times["export_onnx_s"] = time.monotonic() - t
+
+    t = time.monotonic()
+    tfl: list[ModelFile] = []
+    for b in TFLITE_BATCHES:
+        name = f"vae_b{b}.tflite"
+        export_tflite(model, bundle_dir / name, b, W, F)
+        tfl.append(_file(bundle_dir, name, b))
+    times["export_tflite_s"] = time.monotonic() - t
+
+    golden_x = np.ascontiguousarray(golden_x, dtype=np.float32)
+    golden_y = reconstruct(model, golden_x)
+    np.savez(bundle_dir / "vae_golden.npz", in_x=golden_x, out_recon=golden_y)
+
+    if int8:
+        t = time.monotonic()
+        q_files: list[ModelFile] = []
+        try:
+            worst = 0.0
+            for b in TFLITE_BATCHES:
+                name = f"vae_b{b}_int8.tflite"
+                quantize_dynamic_int8(bundle_dir / f"vae_b{b}.tflite", bundle_dir / name)
+                worst = max(worst, float(np.max(np.abs(_run_tflite(bundle_dir / name, golden_x) - golden_y))))
+                q_files.append(_file(bundle_dir, name, b, "dynamic_int8"))
+            # The agent accepts quantised files within 50x the float tolerance of the golden outputs.
+            if worst > 50 * TOLERANCE:
+                raise ValueError(f"int8 model differs from float by {worst:.3g}")
+            times["int8_max_abs_err"] = worst
+            tfl.extend(q_files)
+        except Exception as e:  # optional variant: never fail a fit over it
+            log.warning("skipping the int8 TFLite variant: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            for f in q_files:
+                (bundle_dir / f.path).unlink(missing_ok=True)
+            for b in TFLITE_BATCHES:
+                (bundle_dir / f"vae_b{b}_int8.tflite").unlink(missing_ok=True)
+        times["export_int8_s"] = time.monotonic() - t
+
+    entry = ModelEntry(
+        inputs=INPUTS,
+        outputs=OUTPUTS,
+        files={"onnx": [_file(bundle_dir, "vae.onnx")], "tflite": tfl},
+        golden="vae_golden.npz",
+        golden_sha256=sha256_file(bundle_dir / "vae_golden.npz"),
+        tolerance=TOLERANCE,
+    )
+    return entry, times

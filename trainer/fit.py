@@ -1,0 +1,370 @@
+"""fit: normal history in, a verified bundle out.
+
+    load CSVs → robust scaler → split normal rows BY TIME per file
+    [ train | val (early stopping) | calibration (never trained on) ]
+    → VAE on scaled sliding windows → export ONNX + TFLite + golden vectors
+    → per-channel error scale and threshold from the calibration rows, scored by the
+      agent's own Scorer/score_rows through onnxruntime → manifest → reload and verify.
+
+Labels (when given) only remove anomalous rows from training and calibration; the threshold
+never looks at anomalies, so it means the same on a machine that has no labels at all.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.alerts import AlertState
+from agent.backends import open_backend
+from agent.manifest import (
+    MANIFEST_FILE, Manifest, ScoreSpec, Scaler, Threshold, Training, load_manifest, sha256_file,
+    write_manifest,
+)
+from agent.scoring import CLIP, Scorer, score_rows
+from agent.windowing import ffill, sliding_windows
+from trainer.data import CsvOptions, Table, load_many
+from trainer.errors import InputError
+
+log = logging.getLogger("trainer")
+
+
+def trainer_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgewatch")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+MAX_TRAIN_WINDOWS = 20_000  # bounds memory and epoch time on long histories
+
+
+class FitOptions(BaseModel):
+    """Every knob of ``fit``; the defaults are meant to hold across machines without tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window: int | None = Field(None, ge=2, description="Rows per window; None = 16, or a tenth of a typical file's normal rows when shorter, at least 2.")
+    stride: int = Field(1, ge=1, description="Rows between scored windows on the gateway.")
+    epochs: int = Field(300, ge=1, description="Maximum training epochs (early stopping usually ends sooner).")
+    latent: int | None = Field(None, ge=1, description="Latent size; None = about sqrt(window*features)/2 in [3, 16].")
+    hidden: int | None = Field(None, ge=4, description="Hidden width; None = window*features/2 rounded to a power of 2 in [32, 128].")
+    beta: float = Field(0.05, ge=0, description="KL weight (per latent unit, relative to per-element MSE).")
+    seed: int = 0
+    time_budget_s: float = Field(60.0, gt=0, description="Wall-clock limit for VAE training.")
+    calibration_fraction: float = Field(0.25, gt=0, lt=0.6, description="Last part of each file's normal rows held out for calibration.")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Normal rows before the calibration part, held out for early stopping.")
+    tail: int | None = Field(None, ge=1, description="Score the error of the newest `tail` rows; None = max(1, window // 4).")
+    smoothing: int = Field(3, ge=1, description="Causal moving average over this many scores.")
+    quantile: float = Field(0.995, gt=0.5, lt=1, description="Quantile of calibration scores the threshold starts from.")
+    margin: float = Field(1.5, ge=0, description="Threshold = q + margin * (q - median): head-room in units of the normal score spread.")
+    raise_after: int = Field(2, ge=1, description="Consecutive scores above the threshold before an alert is raised.")
+    clear_after: int = Field(3, ge=1)
+    clear_ratio: float = Field(0.9, gt=0, le=1)
+    int8: bool = Field(True, description="Also export dynamic-range int8 TFLite variants.")
+    name: str | None = Field(None, description="Bundle name; None = the first CSV's stem.")
+    version: str | None = Field(None, description="Bundle version; None = UTC time YYYY.MM.DD-HHMM.")
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class Segments:
+    """One file split by time: rows [0, train_end) train, [train_end, cal_start) val, [cal_start, T) calibration."""
+
+    table: Table
+    normal: np.ndarray  # (T,) bool
+    train_end: int
+    cal_start: int
+    filled: np.ndarray | None = None  # (T, F) raw values, NaN carried forward (set once the scaler is known)
+
+
+def robust_scaler(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median and IQR/1.349 per channel, with safe fall-backs.
+
+    When the IQR hides most of the spread (intermittent or two-level channels: IQR 0, std
+    not), the std is used; constant channels get 1 % of their magnitude (at least 1e-3), so a
+    change on a sensor that never moved in training is loud but finite.
+    """
+    x = rows.astype(np.float64)
+    centre = np.nanmedian(x, axis=0)
+    q75, q25 = np.nanpercentile(x, [75, 25], axis=0)
+    iqr = (q75 - q25) / 1.349
+    std = np.nanstd(x, axis=0)
+    scale = np.where(iqr >= 0.2 * std, iqr, std)
+    floor = np.maximum(1e-2 * np.abs(centre), 1e-3)
+    scale = np.where(std > 0, np.maximum(scale, 1e-6 * np.maximum(1.0, np.abs(centre))), floor)
+    centre = np.where(np.isfinite(centre), centre, 0.0)  # all-missing channel: centre 0
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    return centre, scale
+
+
+def scale_windows(windows: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Exactly the agent Scorer's scaling (float32, same clip), for training and golden inputs."""
+    inv = (1.0 / np.asarray(scale, np.float64)).astype(np.float32)
+    xs = (np.asarray(windows, np.float32) - np.asarray(centre, np.float32)) * inv
+    return np.clip(xs, -CLIP, CLIP, out=xs)
+
+
+def auto_window(normal_rows_per_file: list[int]) -> int:
+    # ~16 rows sees short dynamics without needing long history; short files get shorter windows
+    # (the typical file decides, so one stray short file does not shrink every window).
+    return int(np.clip(int(np.median(normal_rows_per_file)) // 10, 2, 16))
+
+
+def auto_sizes(window: int, n_features: int) -> tuple[int, int]:
+    d = window * n_features
+    hidden = int(np.clip(2 ** math.ceil(math.log2(max(1, d / 2))), 32, 128))
+    latent = int(np.clip(round(math.sqrt(d) / 2), 3, 16))
+    return hidden, latent
+
+
+def _all_normal(normal: np.ndarray, span: int) -> np.ndarray:
+    """(T,) True where rows t-span+1..t are all normal (rows before 0 count as row 0)."""
+    bad = (~normal).astype(np.int64)
+    padded = np.concatenate([np.repeat(bad[:1], span - 1), bad]) if span > 1 else bad
+    c = np.concatenate([[0], np.cumsum(padded)])
+    return (c[span:] - c[:-span]) == 0
+
+
+def split_file(table: Table, opts: FitOptions, min_rows: int) -> Segments:
+    normal = np.ones(table.rows, bool) if table.label is None else table.label == 0
+    idx = np.flatnonzero(normal)
+    n, T = len(idx), table.rows
+    if n < min_rows:  # too short to split: all of it trains
+        return Segments(table, normal, T, T)
+    cal_start = int(idx[int(n * (1 - opts.calibration_fraction))])
+    train_end = int(idx[int(n * (1 - opts.calibration_fraction - opts.val_fraction))])
+    return Segments(table, normal, train_end, cal_start)
+
+
+def _data_sha(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _threshold_value(scores: np.ndarray, q: float, margin: float) -> float:
+    hi = float(np.quantile(scores, q))
+    med = float(np.median(scores))
+    value = hi + margin * max(hi - med, 0.0)
+    # A perfectly flat calibration (constant data) still needs head-room above it.
+    return max(value, hi * 1.05, 1e-6)
+
+
+def _version_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y.%m.%d-%H%M")
+
+
+@dataclass
+class Prepared:
+    """What fit learns from the files before training: layout, scaler, windows, calibration rows."""
+
+    paths: list[Path]
+    tables: list[Table]
+    features: list[str]
+    normal_rows: int
+    window: int
+    centre: np.ndarray
+    scale: np.ndarray
+    x_train: np.ndarray  # scaled training windows
+    x_val: np.ndarray  # scaled early-stopping windows
+    cal_parts: list[tuple[np.ndarray, np.ndarray]]  # (raw rows incl. context, mask of clean calibration rows)
+    cal_windows: np.ndarray  # raw windows ending at the clean calibration rows
+
+
+def prepare(paths: list[str | Path], opts: FitOptions, csv: CsvOptions | None = None) -> Prepared:
+    paths = [Path(p) for p in paths]
+    tables = load_many(paths, csv)
+    features = tables[0].features
+    F = len(features)
+    normal_counts = [int(t.rows if t.label is None else (t.label == 0).sum()) for t in tables]
+    total = sum(normal_counts)
+    if total == 0:
+        raise InputError("no normal rows to train on (every row is labelled anomalous)")
+    window = opts.window or auto_window([c for c in normal_counts if c > 0])
+    if total < 3 * window + 20:
+        raise InputError(f"too little normal data: {total} normal rows, need at least {3 * window + 20} "
+                         f"for window {window}")
+    ctx = window + opts.smoothing  # real rows before calibration so its windows are not padded
+    segs = [split_file(t, opts, 6 * window + 2 * ctx) for t in tables]
+    if all(s.cal_start >= s.table.rows for s in segs):
+        # No file is long enough alone: hold out the end of the longest one anyway.
+        i = int(np.argmax(normal_counts))
+        segs[i] = split_file(tables[i], opts, 0)
+    # Scaler from the training part only, so calibration stays unseen.
+    centre, scale = robust_scaler(np.concatenate([s.table.values[: s.train_end][s.normal[: s.train_end]] for s in segs]))
+    c32 = centre.astype(np.float32)
+    for s in segs:
+        s.filled = ffill(s.table.values, c32)
+
+    def windows(lo_hi) -> np.ndarray:
+        out = []
+        for s in segs:
+            lo, hi = lo_hi(s)
+            idx = np.flatnonzero(_all_normal(s.normal, window)[lo:hi]) + lo
+            if len(idx):
+                out.append(sliding_windows(s.filled, window)[idx])
+        return np.concatenate(out) if out else np.zeros((0, window, F), np.float32)
+
+    x_train = windows(lambda s: (0, s.train_end))
+    if len(x_train) > MAX_TRAIN_WINDOWS:  # neighbours overlap in all but one row: an even subset loses little
+        x_train = x_train[np.linspace(0, len(x_train) - 1, MAX_TRAIN_WINDOWS).round().astype(int)]
+    x_train = scale_windows(x_train, centre, scale)
+    x_val = scale_windows(windows(lambda s: (s.train_end, s.cal_start)), centre, scale)
+    if len(x_train) < 8:
+        raise InputError(f"too little normal data to train: {len(x_train)} training windows of {window} rows")
+    if len(x_val) == 0:  # tiny data: early stopping watches the newest training windows
+        x_val = x_train[-max(1, len(x_train) // 5):]
+
+    cal_parts = []
+    for s in segs:
+        if s.cal_start < s.table.rows:
+            lo = max(0, s.cal_start - ctx)
+            clean = _all_normal(s.normal, window + opts.smoothing - 1)[lo:]
+            cal_parts.append((s.table.values[lo:], clean & (np.arange(lo, s.table.rows) >= s.cal_start)))
+    cal_windows = np.concatenate([sliding_windows(ffill(v, c32), window)[k] for v, k in cal_parts])
+    if len(cal_windows) == 0:
+        raise InputError("no clean normal rows left for threshold calibration")
+    return Prepared(paths, tables, features, total, window, centre, scale, x_train, x_val, cal_parts, cal_windows)
+
+
+def calibrate(manifest: Manifest, backend, prep: Prepared, opts: FitOptions) -> tuple[Manifest, dict[str, float]]:
+    """Per-channel error scale, then the threshold, both from the held-out calibration rows.
+
+    Scored through the agent's Scorer/score_rows on ``backend``, so they are the gateway's numbers.
+    """
+    tail = min(opts.tail or max(1, prep.window // 4), prep.window)
+    plain = manifest.model_copy(update={"score": ScoreSpec(kind="vae_recon_mse", tail=tail, smoothing=opts.smoothing,
+                                                           transform="log")})
+    sc = Scorer(plain, backend)
+    w = prep.cal_windows
+    errs = np.concatenate([sc.channel_errors(w[a:a + 512]) for a in range(0, len(w), 512)])
+    typical = errs.mean(axis=0)
+    # Floor: no channel counts as more than 20x more precise than the typical one, so a channel
+    # the VAE reproduces almost perfectly (constant, slow) cannot turn hair-trigger.
+    channel_scale = np.maximum(typical, max(0.05 * float(np.median(typical)), 1e-4))
+    score = ScoreSpec(kind="vae_recon_norm", channel_scale=[float(c) for c in channel_scale], tail=tail,
+                      smoothing=opts.smoothing, transform="log")
+    scored = manifest.model_copy(update={"score": score})
+    scorer = Scorer(scored, backend)
+    runs = [score_rows(scorer, v)["score"] for v, _ in prep.cal_parts]
+    keeps = [k for _, k in prep.cal_parts]
+    cal = np.concatenate([r[k] for r, k in zip(runs, keeps)])
+    value = _threshold_value(cal, opts.quantile, opts.margin)
+    threshold = Threshold(
+        value=value,
+        method=f"q{opts.quantile:g} + {opts.margin:g}*(q{opts.quantile:g} - median) of {len(cal)} smoothed scores "
+               f"on held-out normal calibration rows (last {opts.calibration_fraction:.0%} of each file's normal rows)",
+        raise_after=opts.raise_after, clear_after=opts.clear_after, clear_ratio=opts.clear_ratio,
+    )
+    metrics = {
+        "calibration_rows": float(len(cal)),
+        "calibration_false_alarm_rate": _false_alarm_rate(runs, keeps, threshold),
+        "calibration_score_median": float(np.median(cal)),
+        "calibration_score_q": float(np.quantile(cal, opts.quantile)),
+    }
+    return scored.model_copy(update={"threshold": threshold}), metrics
+
+
+def fit(paths: list[str | Path], out_dir: str | Path, options: FitOptions | None = None,
+        csv: CsvOptions | None = None) -> Manifest:
+    """Train, calibrate and export one bundle into ``out_dir``; returns the verified manifest."""
+    return fit_with_model(paths, out_dir, options, csv)[0]
+
+
+def fit_with_model(paths: list[str | Path], out_dir: str | Path, options: FitOptions | None = None,
+                   csv: CsvOptions | None = None):
+    """:func:`fit`, also returning the trained PyTorch model (parity tests, fault models)."""
+    opts = options or FitOptions()
+    t_start = time.monotonic()
+    prep = prepare(paths, opts, csv)  # before the heavy imports: bad input fails fast
+
+    import torch
+
+    from trainer.export import export_vae, silenced
+    from trainer.vae import TrainConfig, WindowVAE, train_vae
+
+    W, F = prep.window, len(prep.features)
+    hidden, latent = auto_sizes(W, F)
+    hidden, latent = opts.hidden or hidden, opts.latent or latent
+
+    torch.manual_seed(opts.seed)
+    model = WindowVAE(W, F, hidden, latent)
+    cfg = TrainConfig(epochs=opts.epochs, beta=opts.beta, time_budget_s=opts.time_budget_s, seed=opts.seed,
+                      threads=opts.threads, progress=opts.progress)
+    log.info("training VAE: %d features, window %d, %d train / %d val windows, hidden %d, latent %d",
+             F, W, len(prep.x_train), len(prep.x_val), hidden, latent)
+    res = train_vae(model, prep.x_train, prep.x_val, cfg)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("vae*")) + [out / MANIFEST_FILE]:  # no old file may survive next to the new manifest
+        if stale.is_file():
+            stale.unlink()
+    # Golden inputs: real held-out windows, spread over the calibration rows.
+    gi = np.linspace(0, len(prep.cal_windows) - 1, num=min(16, len(prep.cal_windows))).round().astype(int)
+    t_exp = time.monotonic()
+    entry, export_times = export_vae(model, out, scale_windows(prep.cal_windows[gi], prep.centre, prep.scale),
+                                     int8=opts.int8)
+    export_s = time.monotonic() - t_exp
+
+    periods = [p for p in (t.sample_period_s() for t in prep.tables) if p]
+    draft = Manifest(
+        name=opts.name or prep.paths[0].stem, version=opts.version or _version_now(),
+        trainer_version=trainer_version(), features=prep.features, window=W, stride=opts.stride,
+        sample_period_s=float(f"{np.median(periods):.6g}") if periods else None,
+        scaler=Scaler(centre=[float(c) for c in prep.centre], scale=[float(s) for s in prep.scale]),
+        score=ScoreSpec(kind="vae_recon_mse", tail=1), threshold=Threshold(value=1.0, method="draft"),
+        models={"vae": entry},
+        training=Training(data_sha256=_data_sha(prep.paths), rows=sum(t.rows for t in prep.tables),
+                          normal_rows=prep.normal_rows, seconds=0.0),
+    )
+    manifest, cal_metrics = calibrate(draft, open_backend("onnxruntime", out, draft, threads=1), prep, opts)
+    metrics = {
+        "train_loss": res.train_loss, "val_recon_mse": res.val_recon, "epochs": float(res.epochs),
+        "best_epoch": float(res.best_epoch), "stopped_by_time_budget": float(res.stopped == "time_budget"),
+        "train_windows": float(len(prep.x_train)),
+        "val_windows": float(len(prep.x_val)), **cal_metrics, "train_seconds": res.seconds,
+        "export_seconds": export_s, "hidden": float(hidden), "latent": float(latent),
+        **{k: float(v) for k, v in export_times.items()},
+    }
+    training = manifest.training.model_copy(update={"seconds": round(time.monotonic() - t_start, 3), "metrics": metrics})
+    manifest = Manifest.model_validate(manifest.model_copy(update={"training": training}).model_dump())
+    write_manifest(out, manifest)
+
+    # Prove the bundle the way a gateway will: hashes, schema, golden vectors on every runtime.
+    loaded = load_manifest(out)
+    with silenced():
+        open_backend("onnxruntime", out, loaded)
+        open_backend("litert", out, loaded)
+        if any(f.quantization == "dynamic_int8" for f in entry.files.get("tflite", [])):
+            open_backend("litert", out, loaded, quantization="dynamic_int8")
+    log.info("bundle %s %s written to %s in %.1fs (train %.1fs, export %.1fs); threshold %.4g, "
+             "calibration false-alarm rate %.4f", loaded.name, loaded.version, out, time.monotonic() - t_start,
+             res.seconds, export_s, loaded.threshold.value, cal_metrics["calibration_false_alarm_rate"])
+    return loaded, model
+
+
+def _false_alarm_rate(scores: list[np.ndarray], keep: list[np.ndarray], threshold: Threshold) -> float:
+    """Fraction of clean calibration rows on which the alert state machine is raised."""
+    alarms = total = 0
+    for s, k in zip(scores, keep):
+        st = AlertState(threshold)
+        active = np.empty(len(s), bool)
+        for i, v in enumerate(s):
+            st.update(float(v))
+            active[i] = st.active
+        alarms += int(active[k].sum())
+        total += int(k.sum())
+    return alarms / max(1, total)
