@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgewatch needs Python 3.11+")'
 	$(PYTHON) -m venv $(VENV) || { echo "error: cannot create a venv (on Debian: sudo apt-get install python3-venv)"; exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch is pinned (a CPU build); see README "Installing".
-	$(PY) -m pip install --quiet -e ".[trainer,dev]"
+	# torch is pinned (a CPU build); deploy/constraints.txt pins the tested versions (see README "Installing").
+	$(PY) -m pip install --quiet -c deploy/constraints.txt -e ".[trainer,dev]"
 	@touch $@
 
 demo: $(VENV)/.installed
