@@ -93,6 +93,14 @@ class DeviceStream:
     def push(self, row: np.ndarray) -> bool:
         """Add a row; True when a window is due for scoring."""
         self.window.push(row)
+        return self._due()
+
+    def push_values(self, values, complete: bool) -> bool:
+        """:meth:`push` for a row given as a float sequence (``complete``: no NaN in it)."""
+        self.window.push_values(values, complete)
+        return self._due()
+
+    def _due(self) -> bool:
         self.rows += 1
         self.since_scored += 1
         if self.since_scored >= self.stride or self.rows == 1:

@@ -35,10 +35,11 @@ class RingWindow:
     """Fixed-size window over the newest rows of one device, without per-row allocation.
 
     Rows are written twice (at ``i`` and ``i + window``) so the current window is always a
-    contiguous view ``buf[head:head + window]``.
+    contiguous view ``buf[head:head + window]``. The newest row doubles as the carry-forward
+    source for missing values, so a complete row costs two row writes and nothing else.
     """
 
-    __slots__ = ("window", "n_features", "buf", "head", "count", "last")
+    __slots__ = ("window", "n_features", "buf", "head", "count", "initial")
 
     def __init__(self, window: int, n_features: int, initial: np.ndarray):
         self.window = window
@@ -46,18 +47,36 @@ class RingWindow:
         self.buf = np.zeros((2 * window, n_features), np.float32)
         self.head = 0  # index of the oldest row of the current window
         self.count = 0
-        self.last = np.array(initial, dtype=np.float32, copy=True)
+        self.initial = np.array(initial, dtype=np.float32, copy=True)  # stands in before any row
+
+    @property
+    def last(self) -> np.ndarray:
+        """Last good value of each sensor (what a missing value is filled with): a read-only
+        copy (it is derived, so writing it would change nothing: that fails loudly instead)."""
+        out = self.initial.copy() if self.count == 0 else self.buf[(self.head - 1) % self.window].copy()
+        out.flags.writeable = False
+        return out
 
     def push(self, row: np.ndarray) -> None:
         """Append one row (float32, NaN for missing)."""
-        w = self.window
-        r = fill_missing(np.asarray(row, dtype=np.float32).copy(), self.last)
+        r = np.asarray(row, dtype=np.float32)
+        self.push_values(r, bool(np.isfinite(r).all()))
+
+    def push_values(self, values, complete: bool) -> None:
+        """Append one row given as a float sequence (NaN for missing); ``complete`` = no NaN in it."""
+        w, b = self.window, self.buf
         if self.count == 0:
-            self.buf[:] = r  # pad: the first row stands in for the rows before it
+            b[0] = values
+            if not complete:
+                fill_missing(b[0], self.initial.copy())
+            b[1:] = b[0]  # pad: the first row stands in for the rows before it
         else:
             i = self.head
-            self.buf[i] = r
-            self.buf[i + w] = r
+            prev = None if complete else b[(i - 1) % w].copy()  # before the write: window may be 1
+            b[i] = values
+            if prev is not None:
+                fill_missing(b[i], prev)
+            b[i + w] = b[i]
             self.head = (i + 1) % w
         self.count += 1
 
