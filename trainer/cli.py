@@ -15,6 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from trainer.errors import InputError
 
 PROG = "edge-trainer"
@@ -80,13 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
     _csv_args(p)
     p.add_argument("--label-col", metavar="L", help="0/1 column; rows with 1 are excluded from training and calibration")
-    p.add_argument("--fault-col", metavar="F", help="fault type column (for fault models)")
+    p.add_argument("--fault-col", metavar="F", help="fault type column (empty/'normal' = no fault): also train the "
+                   "fault generator and classifier (needs >= 2 fault episodes and >= 5 windows per type); report in "
+                   "BUNDLE/report/")
     m = p.add_argument_group("model and calibration")
     from trainer.fit import FitOptions  # one source of truth for the defaults
 
     d = {k: f.default for k, f in FitOptions.model_fields.items()}
     m.add_argument("--seed", type=int, default=d["seed"], help=f"random seed (default {d['seed']})")
-    m.add_argument("--window", type=int, metavar="ROWS", help="rows per window (default: 16, shorter for short data)")
+    m.add_argument("--window", type=int, metavar="ROWS", help="rows per window (default: 8, shorter for short data)")
     m.add_argument("--stride", type=int, default=d["stride"], metavar="ROWS",
                    help=f"rows between scored windows (default {d['stride']})")
     m.add_argument("--epochs", type=int, default=d["epochs"], help=f"maximum epochs (default {d['epochs']}; early stopping)")
@@ -95,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--time-budget", type=float, default=d["time_budget_s"], metavar="S",
                    help=f"training time limit in seconds (default {d['time_budget_s']:g})")
     m.add_argument("--tail", type=int, metavar="ROWS", help="score the error of the newest ROWS of each window "
-                   "(default window/4)")
+                   "(default: the whole window)")
     m.add_argument("--smoothing", type=int, default=d["smoothing"], metavar="N",
                    help=f"causal moving average over N scores (default {d['smoothing']})")
     m.add_argument("--quantile", type=float, default=d["quantile"],
@@ -105,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--raise-after", type=int, default=d["raise_after"], metavar="N",
                    help=f"consecutive scores above the threshold before an alert (default {d['raise_after']})")
     m.add_argument("--no-int8", action="store_true", help="skip the int8 TFLite variants")
+    m.add_argument("--gan-steps", type=int, default=d["gan_steps"], metavar="N",
+                   help=f"GAN training steps for the fault models, with --fault-col (default {d['gan_steps']})")
     m.add_argument("--name", help="bundle name (default: first CSV's file name)")
     m.add_argument("--version", help="bundle version (default: UTC time YYYY.MM.DD-HHMM)")
 
@@ -119,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="output CSV (default: stdout)")
     p.add_argument("--backend", choices=["onnxruntime", "litert"], default="onnxruntime",
                    help="inference runtime (default onnxruntime)")
+    p.add_argument("--contrib", action="store_true", help="add one column per sensor, contrib_<sensor>: its share "
+                   "of the row's window error (what the alert's top_sensors ranks)")
     _csv_args(p, features=False)
 
     p = sub.add_parser("evaluate", help="detection metrics against labels", parents=[common], **_fmt(
@@ -130,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, metavar="BUNDLE")
     p.add_argument("--csv", required=True, metavar="PATH")
     p.add_argument("--label-col", required=True, metavar="L", help="0/1 label column")
-    p.add_argument("--report", metavar="DIR", help="directory for metrics.json and scores.csv (per-row score, "
-                   "threshold, alert state and label)")
+    p.add_argument("--report", metavar="DIR", help="directory for metrics.json, scores.csv (per-row score, "
+                   "threshold, alert state and label), report.html with score.png and pr.png")
     p.add_argument("--backend", choices=["onnxruntime", "litert"], default="onnxruntime")
     _csv_args(p, features=False)
     return parser
@@ -168,7 +176,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
             window=a.window, stride=a.stride, epochs=a.epochs, latent=a.latent, hidden=a.hidden, seed=a.seed,
             time_budget_s=a.time_budget, tail=a.tail, smoothing=a.smoothing, quantile=a.quantile, margin=a.margin,
             raise_after=a.raise_after,
-            int8=not a.no_int8, name=a.name, version=a.version, progress=not a.quiet,
+            int8=not a.no_int8, name=a.name, version=a.version, progress=not a.quiet, gan_steps=a.gan_steps,
         )
     except ValidationError as e:
         err = e.errors()[0]
@@ -178,6 +186,9 @@ def cmd_fit(a: argparse.Namespace) -> int:
     print(f"bundle {a.out}: {m.name} {m.version}, {len(m.features)} features, window {m.window}, "
           f"threshold {m.threshold.value:.4g}, calibration false-alarm rate {t['calibration_false_alarm_rate']:.4f}, "
           f"{m.training.seconds:.1f}s")
+    if "classifier" in m.models:
+        print(f"fault models: {len(m.classes)} classes ({', '.join(m.classes)}), generator + classifier, "
+              f"report {Path(a.out) / 'report' / 'fault_report.md'}")
     return 0
 
 
@@ -196,16 +207,22 @@ def _score(a: argparse.Namespace, label: str | None = None):
     return manifest, table, res
 
 
-def _write_scores(path: Path | None, table, res, thr: float) -> None:
-    """timestamp,score,threshold,anomaly (+ label when the table has one); stdout when path is None."""
+def _write_scores(path: Path | None, table, res, thr: float, features: list[str] | None = None) -> None:
+    """timestamp,score,threshold,anomaly (+ label when the table has one, + contrib_<sensor> shares when
+    ``features`` is given); stdout when path is None."""
     out = open(path, "w", newline="") if path else contextlib.nullcontext(sys.stdout)
     try:
         with out as fh:
             w = csv.writer(fh, lineterminator="\n")
-            w.writerow(["timestamp", "score", "threshold", "anomaly"] + (["label"] if table.label is not None else []))
+            w.writerow(["timestamp", "score", "threshold", "anomaly"] + (["label"] if table.label is not None else [])
+                       + [f"contrib_{f}" for f in features or []])
             label = table.label if table.label is not None else [None] * table.rows
-            for ts, s, an, y in zip(table.time_text, res["score"], res["anomaly"], label):
-                w.writerow([ts, f"{s:.6g}", f"{thr:.6g}", int(an)] + ([int(y)] if y is not None else []))
+            if features:
+                c = res["contrib"].astype(np.float64)
+                share = c / np.where(c.sum(axis=1, keepdims=True) > 0, c.sum(axis=1, keepdims=True), 1.0)
+            for i, (ts, s, an, y) in enumerate(zip(table.time_text, res["score"], res["anomaly"], label)):
+                w.writerow([ts, f"{s:.6g}", f"{thr:.6g}", int(an)] + ([int(y)] if y is not None else [])
+                           + ([f"{v:.4f}" for v in share[i]] if features else []))
     except BrokenPipeError:
         if path is not None:
             raise InputError(f"cannot write {path}: broken pipe") from None
@@ -217,7 +234,8 @@ def _write_scores(path: Path | None, table, res, thr: float) -> None:
 
 def cmd_score(a: argparse.Namespace) -> int:
     manifest, table, res = _score(a)
-    _write_scores(Path(a.out) if a.out else None, table, res, manifest.threshold.value)
+    _write_scores(Path(a.out) if a.out else None, table, res, manifest.threshold.value,
+                  list(manifest.features) if a.contrib else None)
     if a.out:
         log.info("%d rows scored, %d anomalous -> %s", table.rows, int(res["anomaly"].sum()), a.out)
     return 0
@@ -245,9 +263,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             d.mkdir(parents=True, exist_ok=True)
             (d / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
             _write_scores(d / "scores.csv", table, res, manifest.threshold.value)
+            from trainer.report import write_report
+
+            page = write_report(d, m, table.label, res["score"], res["anomaly"], manifest.threshold.value,
+                                f"{manifest.name} {manifest.version} on {Path(a.csv).name}")
         except OSError as e:
             raise InputError(f"cannot write report to {d}: {e.strerror or e}") from None
-        print(f"metrics written to {d / 'metrics.json'} (per-row scores in {d / 'scores.csv'})")
+        print(f"metrics written to {d / 'metrics.json'} (per-row scores in {d / 'scores.csv'}, report {page})")
     return 0
 
 

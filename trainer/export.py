@@ -63,18 +63,29 @@ def silenced():
                 os.close(fd)
 
 
-def _file(bundle_dir: Path, name: str, batch: int | None = None, quant: str = "float32") -> ModelFile:
+def model_file(bundle_dir: Path, name: str, batch: int | None = None, quant: str = "float32") -> ModelFile:
+    """The manifest record (name, sha256, batch, quantisation) of a file just written into the bundle."""
     return ModelFile(path=name, sha256=sha256_file(bundle_dir / name), batch=batch, quantization=quant)
 
 
-def export_onnx(model, path: Path, window: int, n_features: int) -> None:
+def _zeros(batch: int, shapes) -> tuple:
     import torch
 
-    sample = torch.zeros(2, window, n_features)  # batch 2: a batch of 1 would be specialised away
+    return tuple(torch.zeros((batch, *s)) for s in shapes)
+
+
+def export_onnx(model, path: Path, shapes: list[tuple[int, ...]], inputs: list[str] = INPUTS,
+                outputs: list[str] = OUTPUTS) -> None:
+    """One self-contained ONNX file with a dynamic batch on every input; ``shapes`` are the
+    per-sample input shapes (without the batch), in ``inputs`` order."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    sample = _zeros(2, shapes)  # batch 2: a batch of 1 would be specialised away
     with silenced(), torch.no_grad():
         torch.onnx.export(
-            model.eval(), (sample,), str(path), input_names=INPUTS, output_names=OUTPUTS,
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=OPSET,
+            model.eval(), sample, str(path), input_names=list(inputs), output_names=list(outputs),
+            dynamic_shapes=tuple({0: batch} for _ in shapes), opset_version=OPSET,
             external_data=False, verbose=False,
         )
     import onnx
@@ -82,14 +93,14 @@ def export_onnx(model, path: Path, window: int, n_features: int) -> None:
     onnx.checker.check_model(str(path))
 
 
-def export_tflite(model, path: Path, batch: int, window: int, n_features: int) -> None:
+def export_tflite(model, path: Path, batch: int, shapes: list[tuple[int, ...]]) -> None:
+    """One TFLite file for a fixed ``batch``; ``shapes`` as for :func:`export_onnx`. Tensor names
+    are litert-torch's (``args_0``...), ordered like the model's arguments."""
     _quiet_env()
-    import torch
-
     with silenced():
         import litert_torch  # its import chain (torchao, TF, JAX) prints banners
 
-        litert_torch.convert(model.eval(), (torch.zeros(batch, window, n_features),)).export(str(path))
+        litert_torch.convert(model.eval(), _zeros(batch, shapes)).export(str(path))
 
 
 def quantize_dynamic_int8(src: Path, dst: Path) -> None:
@@ -119,15 +130,15 @@ def export_vae(model, bundle_dir: Path, golden_x: np.ndarray, int8: bool = True)
     W, F = model.window, model.n_features
     times: dict[str, float] = {}
     t = time.monotonic()
-    export_onnx(model, bundle_dir / "vae.onnx", W, F)
+    export_onnx(model, bundle_dir / "vae.onnx", [(W, F)])
     times["export_onnx_s"] = time.monotonic() - t
 
     t = time.monotonic()
     tfl: list[ModelFile] = []
     for b in TFLITE_BATCHES:
         name = f"vae_b{b}.tflite"
-        export_tflite(model, bundle_dir / name, b, W, F)
-        tfl.append(_file(bundle_dir, name, b))
+        export_tflite(model, bundle_dir / name, b, [(W, F)])
+        tfl.append(model_file(bundle_dir, name, b))
     times["export_tflite_s"] = time.monotonic() - t
 
     golden_x = np.ascontiguousarray(golden_x, dtype=np.float32)
@@ -143,7 +154,7 @@ def export_vae(model, bundle_dir: Path, golden_x: np.ndarray, int8: bool = True)
                 name = f"vae_b{b}_int8.tflite"
                 quantize_dynamic_int8(bundle_dir / f"vae_b{b}.tflite", bundle_dir / name)
                 worst = max(worst, float(np.max(np.abs(_run_tflite(bundle_dir / name, golden_x) - golden_y))))
-                q_files.append(_file(bundle_dir, name, b, "dynamic_int8"))
+                q_files.append(model_file(bundle_dir, name, b, "dynamic_int8"))
             # The agent accepts quantised files within 50x the float tolerance of the golden outputs.
             if worst > 50 * TOLERANCE:
                 raise ValueError(f"int8 model differs from float by {worst:.3g}")
@@ -160,7 +171,7 @@ def export_vae(model, bundle_dir: Path, golden_x: np.ndarray, int8: bool = True)
     entry = ModelEntry(
         inputs=INPUTS,
         outputs=OUTPUTS,
-        files={"onnx": [_file(bundle_dir, "vae.onnx")], "tflite": tfl},
+        files={"onnx": [model_file(bundle_dir, "vae.onnx")], "tflite": tfl},
         golden="vae_golden.npz",
         golden_sha256=sha256_file(bundle_dir / "vae_golden.npz"),
         tolerance=TOLERANCE,

@@ -210,37 +210,21 @@ def gan_quality(gen, x_tr, y_tr, x_te, y_te, seed: int = 0, per_class: int = 100
 # ---------------------------------------------------------------- export
 def export_model(model, out_dir: Path, stem: str, inputs: list[str], outputs: list[str],
                  golden_in: list[np.ndarray], tolerance: float) -> ModelEntry:
-    """ONNX (dynamic batch, one file) + TFLite per fixed batch + golden npz, as a ModelEntry.
-
-    trainer.export's helpers are single-input ``x``/``recon``; this is the same recipe
-    (its opset, quiet converters, file records) for any named inputs and outputs.
-    """
+    """ONNX (dynamic batch, one file) + TFLite per fixed batch + golden npz, as a ModelEntry,
+    with trainer.export's recipe (opset, quiet converters, file records) for named inputs/outputs."""
     import torch
 
-    import onnx
-
-    from trainer.export import OPSET, _file, _quiet_env, silenced
-
-    _quiet_env()
-    with silenced():
-        import litert_torch  # its import chain prints banners
+    from trainer.export import export_onnx, export_tflite, model_file
 
     model = model.eval()
     out_dir = Path(out_dir)
-    batch = torch.export.Dim("batch", min=1)
-    sample2 = tuple(torch.zeros((2,) + g.shape[1:]) for g in golden_in)  # batch 1 would be specialised away
-    with silenced(), torch.no_grad():
-        torch.onnx.export(model, sample2, str(out_dir / f"{stem}.onnx"), input_names=inputs, output_names=outputs,
-                          dynamic_shapes=tuple({0: batch} for _ in inputs), opset_version=OPSET,
-                          external_data=False, verbose=False)
-    onnx.checker.check_model(str(out_dir / f"{stem}.onnx"))
+    shapes = [tuple(g.shape[1:]) for g in golden_in]
+    export_onnx(model, out_dir / f"{stem}.onnx", shapes, inputs, outputs)
     tfl = []
     for b in TFLITE_BATCHES:
         name = f"{stem}_b{b}.tflite"
-        with silenced():
-            args = tuple(torch.zeros((b,) + g.shape[1:]) for g in golden_in)
-            litert_torch.convert(model, args).export(str(out_dir / name))
-        tfl.append(_file(out_dir, name, b))
+        export_tflite(model, out_dir / name, b, shapes)
+        tfl.append(model_file(out_dir, name, b))
     with torch.no_grad():
         res = model(*[torch.from_numpy(np.ascontiguousarray(g, np.float32)) for g in golden_in])
     res = res if isinstance(res, (tuple, list)) else (res,)
@@ -248,7 +232,7 @@ def export_model(model, out_dir: Path, stem: str, inputs: list[str], outputs: li
     golden.update({f"out_{n}": r.numpy() for n, r in zip(outputs, res)})
     np.savez(out_dir / f"{stem}_golden.npz", **golden)
     return ModelEntry(inputs=inputs, outputs=outputs,
-                      files={"onnx": [_file(out_dir, f"{stem}.onnx")], "tflite": tfl},
+                      files={"onnx": [model_file(out_dir, f"{stem}.onnx")], "tflite": tfl},
                       golden=f"{stem}_golden.npz", golden_sha256=sha256_file(out_dir / f"{stem}_golden.npz"),
                       tolerance=tolerance)
 

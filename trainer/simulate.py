@@ -240,6 +240,16 @@ def _fault_entry(f: FaultSpec, data: DeviceData) -> dict:
             "start_epoch": t0 + f.start * p, "end_epoch": t0 + f.end * p}
 
 
+def _split(d: DeviceData, n: int) -> tuple[DeviceData, DeviceData]:
+    """Rows [0, n) and [n, T) of one run; fault indices re-based on the second part."""
+    def part(sl: slice, faults: list[FaultSpec]) -> DeviceData:
+        return DeviceData(d.name, d.kind, d.features, d.timestamps[sl], d.values[sl], d.label[sl], d.fault[sl],
+                          faults, d.period_s)
+
+    return (part(slice(0, n), []),
+            part(slice(n, None), [replace(f, start=f.start - n) for f in d.faults if f.start >= n]))
+
+
 def simulate(out_dir, devices: int = 4, hours: float = 1.0, seed: int = 0, period_s: float = 1.0,
              fault_devices: int | None = None, train_hours: float | None = None) -> list[Path]:
     """Write ``<kind>-NN.csv`` per device (+ ``<name>.train.csv`` with ``train_hours`` of normal
@@ -277,16 +287,21 @@ def simulate(out_dir, devices: int = 4, hours: float = 1.0, seed: int = 0, perio
             n = 2 if plan.random() < 0.5 and rows >= 200 else 1
             types = [deck.pop(0) if deck else FAULTS[int(plan.integers(len(FAULTS)))] for _ in range(n)]
             faults = random_faults(rows, plan, n=n, types=types)
-        data = simulate_device(name, kind, rows, period_s, seed=dev_seed, faults=faults,
-                               start_epoch=START_EPOCH, machine_seed=dev_seed)
+        if train_rows:
+            # History and device file are ONE run of the machine (thermal state, regimes and noise continue
+            # across the boundary); two separate runs made e.g. winding_temp jump 50 -> 81 at the seam.
+            run_all = simulate_device(name, kind, train_rows + rows, period_s, seed=dev_seed,
+                                      faults=[replace(f, start=f.start + train_rows) for f in faults],
+                                      start_epoch=START_EPOCH - train_rows * period_s, machine_seed=dev_seed)
+            train, data = _split(run_all, train_rows)
+        else:
+            data = simulate_device(name, kind, rows, period_s, seed=dev_seed, faults=faults,
+                                   start_epoch=START_EPOCH, machine_seed=dev_seed)
         paths.append(write_csv(data, out / f"{name}.csv"))
         entry = {"name": name, "kind": kind, "features": data.features, "file": paths[-1].name, "rows": rows,
                  "start": iso(data.timestamps[0]), "end": iso(data.timestamps[-1] + period_s),
                  "faults": [_fault_entry(f, data) for f in data.faults], "train_file": None, "train_rows": 0}
         if train_rows:
-            train_seed = int(np.random.SeedSequence([seed, i, 1]).generate_state(1)[0])
-            train = simulate_device(name, kind, train_rows, period_s, seed=train_seed, machine_seed=dev_seed,
-                                    start_epoch=START_EPOCH - train_rows * period_s)
             entry["train_file"] = write_csv(train, out / f"{name}.train.csv").name
             entry["train_rows"] = train_rows
         entries.append(entry)

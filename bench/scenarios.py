@@ -1,0 +1,131 @@
+"""Scenario sets for the detector evaluation: diverse, labelled, deterministic by seed.
+
+Each set is a list of ``Case``: normal history to fit on (no labels used) and a labelled file to
+score causally. They differ on purpose -- sampling rate, channel count, noise, redundancy, drift,
+regime changes and fault shapes -- so defaults chosen on the suite are not tuned to one machine.
+Anomalies are long contiguous spans after a normal stretch of the same run, as in SKAB-like
+benchmarks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Case:
+    name: str
+    features: list[str]
+    train: np.ndarray  # (N, F) normal history
+    test: np.ndarray  # (T, F)
+    label: np.ndarray  # (T,) 0/1
+    period_s: float
+
+
+def _latent_plant(rng, n: int, f: int, k: int, period_s: float, noise: float, regimes: int = 1, t0: int = 0,
+                  mix=None, levels=None):
+    """F channels = mix @ k slow latent factors (+ operating-point levels) + sensor noise."""
+    t = np.arange(t0, t0 + n)
+    z = np.zeros((n, k))
+    for j in range(k):  # slow oscillation + AR(1) wander per factor
+        per = 60 + 40 * j
+        e = rng.normal(0, 0.15, n)
+        ar = np.zeros(n)
+        for i in range(1, n):
+            ar[i] = 0.97 * ar[i - 1] + e[i]
+        z[:, j] = np.sin(2 * np.pi * t / per + j) + ar
+    x = z @ mix
+    if regimes > 1:  # piecewise operating points held for 100-300 rows
+        lv = np.zeros(n)
+        i = 0
+        while i < n:
+            d = int(rng.integers(100, 300))
+            lv[i:i + d] = rng.integers(regimes)
+            i += d
+        x = x + levels[lv.astype(int)]
+    return x + rng.normal(0, noise, x.shape)
+
+
+def _inject(rng, x: np.ndarray, start: int, end: int, kind: str, chans: np.ndarray, sd: np.ndarray) -> None:
+    n = end - start
+    ramp = np.minimum(1.0, np.arange(1, n + 1) / max(1, n // 5))[:, None]
+    if kind == "shift":
+        x[start:end, chans] += rng.choice([-1, 1], len(chans)) * 1.5 * sd[chans] * ramp
+    elif kind == "variance":
+        x[start:end, chans] += rng.normal(0, 1.5, (n, len(chans))) * sd[chans]
+    elif kind == "decorrelate":  # sensors keep their range but stop following the process
+        src = x[start:end, chans].copy()
+        x[start:end, chans] = src[::-1] * 0.6 + 0.8 * sd[chans] * rng.choice([-1, 1], len(chans))
+    elif kind == "drift":
+        x[start:end, chans] += rng.choice([-1, 1], len(chans)) * 2.5 * sd[chans] * (np.arange(n) / n)[:, None]
+    elif kind == "stuck":
+        x[start:end, chans] = x[start, chans] + 1.0 * sd[chans]
+
+
+def synthetic_set(name: str, seed: int, files: int, f: int, k: int, noise: float, train_rows: int,
+                  normal_head: int, anomaly_rows: int, period_s: float, regimes: int = 1,
+                  kinds=("shift", "variance", "decorrelate", "drift", "stuck"), noisy_channel: bool = False,
+                  redundant: int = 0) -> list[Case]:
+    """A SKAB-like rig: one run of history, then files of normal stretch + one anomalous span (+ tail)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(0, 1, (k, f))
+    levels = rng.normal(0, 1.5, (max(1, regimes), f))
+    feats = [f"s{j}" for j in range(f + redundant)]
+    cases = []
+    for i in range(files):
+        r = np.random.default_rng([seed, i])
+        tail = anomaly_rows // 3
+        n_all = train_rows + normal_head + anomaly_rows + tail
+        x = _latent_plant(r, n_all, f, k, period_s, noise, regimes, mix=mix, levels=levels)
+        if redundant:  # near-copies of the first channels (redundant transmitters)
+            x = np.concatenate([x, x[:, :redundant] + r.normal(0, noise, (n_all, redundant))], axis=1)
+        if noisy_channel:
+            x[:, -1] += r.normal(0, 3.0 * x[:, -1].std(), n_all)
+        sd = x[:train_rows].std(axis=0)
+        a = train_rows + normal_head
+        kind = kinds[i % len(kinds)]
+        nc = max(1, int(r.integers(1, max(2, (f + redundant) // 3) + 1)))
+        chans = r.choice(f + redundant - (1 if noisy_channel else 0), nc, replace=False)
+        _inject(r, x, a, a + anomaly_rows, kind, chans, sd)
+        y = np.zeros(n_all, np.int8)
+        y[a:a + anomaly_rows] = 1
+        cases.append(Case(f"{name}-{i}-{kind}", feats, x[:train_rows].astype(np.float32),
+                          x[train_rows:].astype(np.float32), y[train_rows:], period_s))
+    return cases
+
+
+def simulator_set(name: str, seed: int, kinds=("pump", "motor", "compressor"), train_rows: int = 3600,
+                  rows: int = 1500, period_s: float = 1.0, noise: float = 1.0, regimes: bool = True) -> list[Case]:
+    """trainer.simulate machines: history and the faulty file are one continuous run (same seed)."""
+    from trainer.simulate import FAULTS, FaultSpec, simulate_device
+
+    cases = []
+    for i, kind in enumerate(kinds * 2):
+        ftype = FAULTS[(seed + i) % len(FAULTS)]
+        n_all = train_rows + rows
+        start = train_rows + rows // 3
+        dur = rows // 2
+        d = simulate_device(f"{kind}-{i}", kind, n_all, period_s, seed=seed * 100 + i, noise=noise, regimes=regimes,
+                            faults=[FaultSpec(ftype, start, dur, 1.0)])
+        cases.append(Case(f"{name}-{kind}-{ftype}", list(d.features), d.values[:train_rows],
+                          d.values[train_rows:], d.label[train_rows:], period_s))
+    return cases
+
+
+def scenario_sets(quick: bool = False) -> dict[str, list[Case]]:
+    """The suite. ``quick``: fewer, shorter files (tests, smoke runs)."""
+    nf = 2 if quick else 5
+    sets = {
+        # SKAB-like valve/pump rig: 8 channels at 1 Hz, a few hundred rows of history.
+        "skab_like": synthetic_set("skab", 1, nf, 8, 3, 0.3, 600, 300, 400, 1.0),
+        # Slow plant (minutes/sample), many redundant channels and one very noisy one.
+        "slow_redundant": synthetic_set("slow", 2, nf, 12, 4, 0.2, 800, 300, 400, 60.0, noisy_channel=True,
+                                        redundant=6),
+        # Few channels, noisy, operating-point regime changes in history and test.
+        "regimes": synthetic_set("reg", 3, nf, 4, 2, 0.4, 1200, 400, 400, 10.0, regimes=3),
+    }
+    if not quick:
+        sets["simulator"] = simulator_set("sim", 4)
+        sets["simulator_noisy_10s"] = simulator_set("simn", 5, period_s=10.0, noise=2.0, train_rows=1000, rows=1200)
+    return sets
