@@ -20,6 +20,7 @@ from pathlib import Path
 from agent import sdnotify
 from agent.backends import open_backend
 from agent.checkpoint import Checkpointer, StateStore
+from agent.classify import FaultClassifier, open_classifier
 from agent.bundle_watch import BundleWatcher, fingerprint
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.decode import render
@@ -32,6 +33,7 @@ from agent.mqtt_security import anonymous_broker_check, check_policy, must_refus
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline
 from agent.scoring import Scorer
+from agent.selftest import Canary
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class App:
         check_policy(cfg)  # never connect anonymously to a remote broker, unless allowed
         # Bundle first: a bad bundle stops start-up before anything touches the network.
         fp = fingerprint(cfg.bundle)
-        scorer = self._load_bundle(cfg)
+        scorer, classifier = self._load_bundle(cfg)
         self.manifest = scorer.manifest
         self.loaded_at = time.time()
         self.watcher = (BundleWatcher(lambda: self.cfg.bundle, cfg.bundle_watch_s, self.reload_bundle)
@@ -76,6 +78,7 @@ class App:
             cfg, scorer, self.metrics,
             sink=lambda *a: self.link.send_alert(*a),
             dead_letter=self._dead_letter if cfg.topics.dead_letter else None,
+            classifier=classifier,
         )
         # Telemetry is acknowledged once a state checkpoint holds it: a crash loses neither.
         self.link = MqttLink(cfg, self.pipeline.submit, self.metrics, self.outbox, manual_ack=True)
@@ -84,18 +87,24 @@ class App:
         self.checkpoints.restore()
         for f in self.pipeline.matcher.subscriptions():
             self.link.subscribe(f, qos=1)
+        # Synthetic-fault canary (agent.selftest): its own thread and backends, never the alert topic.
+        self.canary = (Canary(cfg, lambda: self.bundle_path, self.metrics, self.link.publish)
+                       if cfg.selftest.interval_s > 0 else None)
         if cfg.metrics.enabled:
             self.http = HttpServer(cfg.metrics.host, cfg.metrics.port, self.metrics.exposition, self.healthy, self.ready)
 
-    def _load_bundle(self, cfg: AgentConfig) -> Scorer:
+    def _load_bundle(self, cfg: AgentConfig) -> tuple[Scorer, FaultClassifier | None]:
         # The symlink's target, resolved once: a switch while we verify cannot mix two bundles.
         path = Path(os.path.realpath(cfg.bundle))
         m: Manifest = load_manifest(path)
         backend = open_backend(cfg.backend, path, m, threads=cfg.threads)
         log.info("bundle %s %s verified (%s, %d features, window %d, threshold %.4g, %s)", m.name, m.version,
                  cfg.backend, len(m.features), m.window, m.threshold.value, path)
+        classifier = open_classifier(cfg.backend, path, m, threads=cfg.threads)
+        if classifier is not None:
+            log.info("fault classifier verified: %s", ", ".join(m.classes))
         self.bundle_path = path
-        return Scorer(m, backend)
+        return Scorer(m, backend), classifier
 
     def _publish_bundle(self, backend: str) -> None:
         """Metrics and the retained model topic: what is in service, since when."""
@@ -115,7 +124,7 @@ class App:
                 fp = fingerprint(cfg.bundle)
                 if self.watcher is not None:
                     self.watcher.rebase(fp)  # tried now, good or bad: the watcher need not try it again
-                scorer = self._load_bundle(cfg)
+                scorer, classifier = self._load_bundle(cfg)
             except (ConfigError, BundleError) as e:
                 return self._refused("reload", e)
             changed = sorted(k for k in AgentConfig.model_fields if k not in RELOADABLE | {"log"}
@@ -123,7 +132,7 @@ class App:
             if changed:
                 log.warning("reload: %s changed; restart the service to apply", ", ".join(changed))
             self.cfg = self.cfg.model_copy(update={k: getattr(cfg, k) for k in RELOADABLE})
-            self._swap(scorer)
+            self._swap(scorer, classifier)
             return True
 
     def reload_bundle(self) -> bool:
@@ -133,14 +142,14 @@ class App:
                 self.watcher.rebase(fingerprint(self.cfg.bundle))
             log.info("bundle %s changed on disk; verifying it", self.cfg.bundle)
             try:
-                scorer = self._load_bundle(self.cfg)
+                scorer, classifier = self._load_bundle(self.cfg)
             except BundleError as e:
                 return self._refused("new bundle", e)
-            self._swap(scorer)
+            self._swap(scorer, classifier)
             return True
 
-    def _swap(self, scorer: Scorer) -> None:
-        self.pipeline.request_swap(scorer)
+    def _swap(self, scorer: Scorer, classifier: FaultClassifier | None = None) -> None:
+        self.pipeline.request_swap(scorer, classifier)
         self.manifest = scorer.manifest
         self.loaded_at = time.time()
         self.metrics.bundle_reloads.labels("ok").inc()
@@ -183,6 +192,8 @@ class App:
             threading.Thread(target=self._check_broker_auth, name="auth-check", daemon=True).start()
         if self.watcher is not None:
             self.watcher.start()
+        if self.canary is not None:
+            self.canary.start()
         return self
 
     def _check_broker_auth(self) -> None:
@@ -252,10 +263,12 @@ class App:
         self._stop.set()
         if self.watcher is not None:
             self.watcher.stop()
+        if self.canary is not None:
+            self.canary.stop()
         if self._thread is not None:
             self._thread.join(drain_timeout)  # the loop drains its queue and scores the last batch
         if self._thread is None or not self._thread.is_alive():
-            self.checkpoints.checkpoint()  # and acknowledges what it handled
+            self.checkpoints.checkpoint(wait=True)  # and acknowledges what it handled
         if not self.link.drain(drain_timeout):
             log.warning("%d alert(s) not acknowledged yet; they stay in the outbox", self.outbox.backlog())
         self.link.stop()

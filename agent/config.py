@@ -68,6 +68,12 @@ class MqttConfig(_Section):
     )
     reconnect_min_s: int = Field(1, ge=1, description="First reconnect delay; doubles up to reconnect_max_s.")
     reconnect_max_s: int = Field(30, ge=1, description="Longest reconnect delay.")
+    alert_linger_s: float = Field(
+        90.0, ge=0, le=86_400,
+        description="Keep an alert this long after the broker acknowledged it, and publish it again after a "
+        "reconnect within that time: a broker killed before its next autosave forgets what it acknowledged. Set it "
+        "above the broker's autosave_interval; 0 = forget an alert on its PUBACK.",
+    )
     receive_maximum: int | None = Field(
         None, ge=2, le=65535,
         description="Most telemetry messages the broker may send before we acknowledge them (we acknowledge once "
@@ -209,6 +215,27 @@ class MetricsConfig(_Section):
     port: int = Field(9108, ge=0, le=65535, description="HTTP port (0 = any free port).")
 
 
+class SelftestConfig(_Section):
+    interval_s: float = Field(
+        0.0, ge=0, le=7 * 86400,
+        description="Run the synthetic-fault canary (edge-agent selftest) this often while serving; 0 = off. "
+        "Needs a bundle with a generator (edge-trainer fit --fault-col). Never raises real alerts.",
+    )
+    per_class: int = Field(20, ge=1, le=1000, description="Synthetic windows per fault type.")
+    min_detected: float = Field(
+        0.5, ge=0, le=1,
+        description="Pass when every fault type is detected in at least this fraction of its synthetic windows.",
+    )
+    topic: str = Field("edgewatch/status/{agent_id}/selftest", description="Retained canary result (JSON), with {agent_id}.")
+
+    @field_validator("topic")
+    @classmethod
+    def _no_wildcards(cls, v: str) -> str:
+        if not v or "+" in v or "#" in v:
+            raise ValueError("selftest topic must be non-empty without wildcards")
+        return v
+
+
 class LogConfig(_Section):
     format: Literal["text", "json"] = Field("text", description="text for journald/humans, json for log shippers.")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
@@ -246,6 +273,7 @@ class AgentConfig(BaseSettings):
     state_dir: Path = Field(default_factory=_state_dir_default, description="Where the alert outbox lives ($STATE_DIRECTORY under systemd).")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="HTTP metrics and health endpoints.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
+    selftest: SelftestConfig = Field(default_factory=SelftestConfig, description="Synthetic-fault commissioning check and canary.")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -270,6 +298,10 @@ class AgentConfig(BaseSettings):
     @property
     def model_topic(self) -> str:
         return self.topics.model.replace("{agent_id}", self.agent_id)
+
+    @property
+    def selftest_topic(self) -> str:
+        return self.selftest.topic.replace("{agent_id}", self.agent_id)
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -60,6 +60,14 @@ class Metrics:
             "edgewatch_bundle_reloads", "Bundle hot-reload attempts by result (ok, refused: the old bundle stays).",
             ["result"], registry=r,
         )
+        self.selftest_detected = Gauge(
+            "edgewatch_selftest_detected", "Synthetic-fault canary: fraction of synthetic windows of each fault type "
+            "the detector raised an alert on (last run).", ["fault"], registry=r,
+        )
+        self.selftest_success = Gauge(
+            "edgewatch_selftest_last_success_timestamp_seconds", "When the synthetic-fault canary last passed (Unix time).",
+            registry=r,
+        )
         # Pre-create label children so dashboards see zeros, not gaps.
         for res in ("ok", "invalid", "dropped"):
             self.messages.labels(res)

@@ -14,7 +14,10 @@
   unacknowledged and not-yet-sent QoS 1 messages in its ordered queue across reconnects,
   so alerts raised while disconnected go out, in order, after the reconnect; alerts left
   in the outbox by a previous process are queued again at start. An alert the broker
-  refuses (a PUBACK failure code) is published again with backoff while we run.
+  refuses (a PUBACK failure code) is published again with backoff while we run. An
+  acknowledged alert lingers in the outbox for ``mqtt.alert_linger_s`` and is published
+  again after a reconnect within that time (the broker may have died before saving it);
+  consumers de-duplicate on the alert id.
 """
 from __future__ import annotations
 
@@ -112,6 +115,9 @@ class MqttLink:
         self._ack_lock = threading.Lock()
         self._token = 0
         self._retries: dict[int, int] = {}  # outbox seq -> attempts refused by the broker
+        self.linger = cfg.mqtt.alert_linger_s if outbox is not None else 0.0
+        self._last_rx = 0.0  # when the broker last sent us anything: it was alive then
+        self._last_purge = 0.0
         self._timers: set[threading.Timer] = set()
         c = self.client = make_client(cfg, cfg.client_id, persistent=True)
         c.manual_ack_set(manual_ack)
@@ -173,6 +179,8 @@ class MqttLink:
         self._stopping = True
         for t in list(self._timers):
             t.cancel()
+        if self.linger:  # the connection stayed up since these were acknowledged: the broker has saved them
+            self._purge()
         if self.connected:
             info = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
             try:
@@ -237,10 +245,18 @@ class MqttLink:
             return
         self._retries.pop(seq, None)
         if self.outbox is not None:
-            self.outbox.ack(seq)
+            self.outbox.ack(seq, linger=self.linger > 0)
+            if self.linger:
+                self._purge()
             self._update_backlog()
         if t0 is not None:
             self.metrics.latency.labels("published").observe(max(0.0, time.time() - t0))
+
+    def _purge(self) -> None:
+        # An alert stops lingering once the broker was heard from ``linger`` seconds after its
+        # (latest) PUBACK: that broker lived past its autosave. And, so that a connection flapping
+        # faster than that cannot re-send old alerts for ever, 10 x linger after it was raised.
+        self.outbox.purge(self._last_rx - self.linger, time.time() - 10 * self.linger)
 
     def _retry_later(self, seq: int) -> None:
         """The broker refused the alert (PUBACK failure code): publish it again with backoff."""
@@ -266,11 +282,19 @@ class MqttLink:
     def ack_through(self, token: int) -> None:
         """PUBACK every received message up to ``token`` (the pipeline progress a checkpoint
         holds), in arrival order, and the ones not queued (dropped, counted) right behind them."""
-        with self._ack_lock:  # held while calling paho: a reconnect cannot slip a stale mid in
-            acks = self._acks
-            while acks and (acks[0][0] <= token or acks[0][3]):
-                _, mid, qos, _ = acks.popleft()
-                self.client.ack(mid, qos)
+        acks, more = self._acks, True
+        while more:  # in chunks: the network thread needs the lock on a reconnect, not for long
+            with self._ack_lock:  # held while calling paho: a reconnect cannot slip a stale mid in
+                for _ in range(256):
+                    if not (acks and (acks[0][0] <= token or acks[0][3])):
+                        more = False
+                        break
+                    _, mid, qos, _ = acks.popleft()
+                    self.client.ack(mid, qos)
+        now = time.monotonic()
+        if self.linger and now - self._last_purge >= 1.0:  # called every loop pass: housekeeping too
+            self._last_purge = now
+            self._purge()
 
     def _update_backlog(self) -> None:
         if self.outbox is not None:
@@ -311,8 +335,18 @@ class MqttLink:
             client.subscribe(subs)
         self.publish(self.status_topic, b"online", qos=1, retain=True)
         self._set_connected(True)
+        if self.linger:
+            again = self.outbox.lingering()
+            if again:
+                log.warning("publishing %d recently acknowledged alert(s) again: the broker may have lost them "
+                            "with the connection (consumers de-duplicate on the id)", len(again))
+            for e in again:
+                self._publish_alert(e.seq, e.topic, e.payload, e.state_topic, None)
+            self._update_backlog()
 
     def _cb_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.linger and not self._stopping:  # acknowledged long enough before the loss: saved by the broker
+            self._purge()
         if self._stopping:
             log.info("disconnected from broker (stopping)")
         elif self.connected:
@@ -328,6 +362,7 @@ class MqttLink:
                 log.error("broker refused a subscription: %s", rc)
 
     def _cb_message(self, client, userdata, msg) -> None:
+        self._last_rx = time.time()
         try:
             topic = msg.topic
         except UnicodeDecodeError:
@@ -338,12 +373,12 @@ class MqttLink:
         self._token += 1
         entry = [self._token, msg.mid, msg.qos, False]
         if msg.qos:
-            with self._ack_lock:
-                self._acks.append(entry)
+            self._acks.append(entry)  # no lock: deque.append is atomic, and clear() runs on this thread
         if self._on_message(topic, msg.payload, time.time(), self._token) is False:
             entry[3] = True  # not queued (counted as dropped or invalid): acknowledge it in turn
 
     def _cb_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._last_rx = time.time()
         ok = not reason_code.is_failure
         with self._lock:
             entry = self._inflight.pop(mid, None)

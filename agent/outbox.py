@@ -3,6 +3,11 @@ deleted only when the broker acknowledges it (PUBACK). What is still here after 
 disconnect or a restart is published again, oldest first: delivery is at-least-once,
 and consumers de-duplicate on the alert's ``id``.
 
+An acknowledged alert can also be kept ("lingering", ``ack(seq, linger=True)``) until the
+broker has surely saved it: mosquitto acknowledges what it holds in memory and saves it at
+its next autosave, so a broker killed in between forgets alerts it acknowledged. The link
+publishes lingering alerts again after a reconnect and ``purge``s them once old enough.
+
 Not bounded by count on purpose: dropping alerts is worse than using disk, and alerts are
 rare (one per state change per device). ``backlog()`` is exported as a metric to alarm on.
 
@@ -27,7 +32,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     state_topic TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    acked REAL
 )
 """
 
@@ -70,6 +76,8 @@ class Outbox:
         db.execute("PRAGMA synchronous=FULL")
         db.execute(_SCHEMA)
         db.execute("SELECT count(*) FROM outbox").fetchone()  # surfaces corruption now
+        if "acked" not in {r[1] for r in db.execute("PRAGMA table_info(outbox)")}:  # an outbox from before lingering
+            db.execute("ALTER TABLE outbox ADD COLUMN acked REAL")
         return db
 
     def put(self, topic: str, payload: bytes, state_topic: str | None = None) -> int:
@@ -81,19 +89,45 @@ class Outbox:
             )
             return int(cur.lastrowid)
 
-    def ack(self, seq: int) -> None:
+    def ack(self, seq: int, linger: bool = False) -> None:
+        """The broker acknowledged it: delete it, or keep it lingering (see the module doc)."""
         with self._lock:
-            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+            if linger:
+                self._db.execute("UPDATE outbox SET acked = ? WHERE seq = ?", (time.time(), seq))
+            else:
+                self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
 
     def pending(self) -> list[Entry]:
-        """Unacknowledged alerts, oldest first."""
+        """Every alert still here (unacknowledged or lingering), oldest first; all count as unacknowledged again."""
         with self._lock:
+            self._db.execute("UPDATE outbox SET acked = NULL WHERE acked IS NOT NULL")
             rows = self._db.execute("SELECT seq, topic, payload, state_topic FROM outbox ORDER BY seq").fetchall()
         return [Entry(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
 
+    def lingering(self) -> list[Entry]:
+        """Acknowledged alerts still kept, oldest first; they count as unacknowledged again."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, topic, payload, state_topic FROM outbox WHERE acked IS NOT NULL ORDER BY seq").fetchall()
+            self._db.execute("UPDATE outbox SET acked = NULL WHERE acked IS NOT NULL")
+        return [Entry(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
+
+    def purge(self, acked_before: float, created_before: float = float("-inf")) -> None:
+        """Forget acknowledged alerts acknowledged, or raised, before these times (epoch seconds)."""
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE acked IS NOT NULL AND (acked < ? OR created < ?)",
+                             (acked_before, created_before))
+
+    def get(self, seq: int) -> Entry | None:
+        """One unacknowledged alert, or None once it was acknowledged."""
+        with self._lock:
+            r = self._db.execute("SELECT seq, topic, payload, state_topic FROM outbox WHERE seq = ? AND acked IS NULL",
+                                 (seq,)).fetchone()
+        return None if r is None else Entry(r[0], r[1], bytes(r[2]), r[3])
+
     def backlog(self) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+            return int(self._db.execute("SELECT count(*) FROM outbox WHERE acked IS NULL").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:

@@ -7,21 +7,26 @@ window has waited ``max_latency_ms``. Decisions then run per device in arrival o
 through ``DeviceStream.decide`` — the same pieces ``score_rows`` uses offline, so the
 gateway decides exactly what ``edge-trainer score`` decides for the same stream.
 
+Intake is a bounded deque the pipeline thread empties in chunks (see :class:`Handoff`):
+when it is full the network thread waits for room instead of dropping, so the broker keeps
+the backlog (QoS 1) rather than the agent losing it.
+
 Clocks are injected (``clock`` for batching deadlines, ``now`` for epoch time) so tests
 drive time without sleeping.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from typing import Callable
 
 import numpy as np
 
+from agent.classify import FaultClassifier
 from agent.config import AgentConfig
-from agent.decode import DecodeError, PayloadDecoder, SensorRowAssembler, TopicMatcher, render
+from agent.decode import DecodeError, PayloadDecoder, SensorRowAssembler, TopicMatcher, partition_of, render
 from agent.manifest import Manifest
 from agent.messages import Alert, ModelRef, TopSensor, alert_id, iso_utc
 from agent.metrics import Metrics
@@ -32,6 +37,96 @@ log = logging.getLogger(__name__)
 # (alert topic, payload, retained state topic, receive time of the triggering message)
 AlertSink = Callable[[str, bytes, str, float], object]
 DeadLetter = Callable[[str, bytes, str], None]
+
+
+TOPIC_CACHE = 65_536  # topic -> device lookups remembered (a regex match costs ~1 us per message)
+CHUNK = 256  # messages taken from the hand-off at once
+
+
+class Handoff:
+    """Bounded hand-off from the network thread to the pipeline thread.
+
+    A deque (append and popleft are atomic) and two events: no lock per message, and the
+    consumer takes what is queued in one go. The producer wakes the consumer only when as
+    many items wait as the consumer asked for (``wait(..., wake_at)``): one when idle, a
+    batch's worth while a micro-batch waits for its deadline anyway, so a busy stream costs
+    a wake-up per batch, not per message. When full, the producer waits for room — the
+    network thread stops reading, its acks stop, and the broker keeps the rest queued — and
+    drops (returns False) only if the pipeline makes no room within ``full_wait`` seconds: a
+    wedged pipeline must not wedge the connection.
+    """
+
+    def __init__(self, maxsize: int, max_bytes: int = 1 << 62, full_wait: float = 1.0):
+        self.maxsize = maxsize
+        self.max_bytes = max_bytes
+        self.full_wait = full_wait
+        self._q: deque = deque()  # (topic, payload, recv_time, token)
+        self._ready = threading.Event()  # set once wake_at items wait (cleared only by the waiting consumer)
+        self._wake_at = 1
+        self._room = threading.Event()
+        # Payload bytes queued = in - out; each side written by one thread only.
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def _full(self) -> bool:
+        return len(self._q) >= self.maxsize or self.bytes_in - self.bytes_out >= self.max_bytes
+
+    def put(self, item) -> bool:
+        while self._full():
+            if not self._ready.is_set():
+                self._ready.set()  # full: the consumer must not sleep until its deadline
+            self._room.clear()
+            if not self._full():
+                break
+            if not self._room.wait(self.full_wait) and self._full():
+                return False
+        self.bytes_in += len(item[1])
+        q = self._q
+        q.append(item)
+        if len(q) >= self._wake_at and not self._ready.is_set():
+            self._ready.set()
+        return True
+
+    def take(self, limit: int) -> list:
+        q = self._q
+        n = min(len(q), limit)
+        if not n:
+            return []
+        out = [q.popleft() for _ in range(n)]
+        self.bytes_out += sum(len(item[1]) for item in out)
+        if not self._room.is_set():
+            self._room.set()
+        return out
+
+    def wait(self, timeout: float, wake_at: int = 1) -> bool:
+        """Wait up to ``timeout`` seconds for ``wake_at`` items; True if any are queued."""
+        q = self._q
+        self._wake_at = max(1, wake_at)
+        self._ready.clear()
+        if len(q) < self._wake_at:  # else appended before the clear, by a producer that saw the flag set
+            self._ready.wait(timeout)
+        return bool(q)
+
+    def qsize(self) -> int:
+        return len(self._q)
+
+    def empty(self) -> bool:
+        return not self._q
+
+
+def observe_many(hist, values: np.ndarray) -> None:
+    """``hist.observe(v)`` for every v, with one lock per bucket touched instead of a Python
+    bucket search per value. Relies on prometheus_client's Histogram internals, checked here."""
+    try:
+        bounds, buckets, total = hist._upper_bounds, hist._buckets, hist._sum
+    except AttributeError:  # another prometheus_client layout: the slow, documented way
+        for v in values.tolist():
+            hist.observe(v)
+        return
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts).tolist():  # observe(): first bucket with value <= bound
+        buckets[i].inc(int(counts[i]))
+    total.inc(float(values.sum()))
 
 
 class _Device:
@@ -53,6 +148,7 @@ class Pipeline:
         dead_letter: DeadLetter | None = None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], float] = time.time,
+        classifier: FaultClassifier | None = None,
     ):
         m: Manifest = scorer.manifest
         self.cfg = cfg
@@ -63,8 +159,12 @@ class Pipeline:
         self.dead_letter = dead_letter
         self.clock = clock
         self.now = now
-        self.queue: queue.Queue = queue.Queue(cfg.queue.max_messages)
-        self.matcher = TopicMatcher(cfg.topics.telemetry)
+        self.queue = Handoff(cfg.queue.max_messages, cfg.queue.max_bytes, cfg.queue.full_wait_ms / 1000.0)
+        part = cfg.topics.partition
+        self.partition = (part.index, part.count) if part is not None else None
+        # {partition} becomes our index, so we subscribe to (and match) our own partition only.
+        self.matcher = TopicMatcher([render(p, partition=str(part.index)) if part else p for p in cfg.topics.telemetry])
+        self._topics: dict[str, tuple[str, str | None]] = {}
         self.decoder = PayloadDecoder(m.features, cfg.topics.format, cfg.max_payload_bytes)
         self.per_sensor = cfg.topics.format == "per_sensor"
         self.assembler = SensorRowAssembler(len(m.features))
@@ -74,46 +174,79 @@ class Pipeline:
         self.max_latency = cfg.batching.max_latency_ms / 1000.0
         self._buf = np.empty((self.max_batch, m.window, len(m.features)), np.float32)
         self._meta: list[tuple] = [()] * self.max_batch  # (device, _Device, ts, recv_time)
+        self._recv = np.zeros(self.max_batch)  # receive time of each window's message (latency metric)
         self._n = 0
         self._deadline = 0.0
         self.last_tick = clock()
         self._warned: dict[str, float] = {}
         self._ok = metrics.messages.labels("ok")  # cached child: labels() costs on every message
         self._swap: Scorer | None = None
+        # Names the fault of a RAISED alert only (agent.classify): never on the per-window path.
+        self.classifier = classifier
+        self._swap_classifier: FaultClassifier | None = None
+        # Crash consistency (agent.checkpoint): the token of the last message handled, and the
+        # devices whose state changed since the last checkpoint.
+        self.progress = 0
+        self.dirty: set[str] = set()
 
     # ------------------------------------------------------------ intake
 
-    def submit(self, topic: str, payload: bytes, recv_time: float) -> bool:
-        """Called on the network thread: enqueue only, never block."""
-        try:
-            self.queue.put_nowait((topic, payload, recv_time))
-            return True
-        except queue.Full:
-            self.metrics.dropped_message("queue_full")
-            self._warn("queue_full", "pipeline queue full (%d); dropping telemetry", self.queue.maxsize)
+    def submit(self, topic: str, payload: bytes, recv_time: float, token: int | None = None) -> bool:
+        """Called on the network thread: enqueue; when full, wait for room (backpressure), then drop.
+        False if not queued (counted). ``token`` becomes ``progress`` once the message is handled
+        (manual MQTT acks, see agent.checkpoint)."""
+        if len(payload) > self.cfg.max_payload_bytes:  # never queued: a flood of huge payloads must not fill memory
+            self._invalid(topic, payload, "too_large", f"{len(payload)} bytes")
             return False
+        if self.queue.put((topic, payload, recv_time, token)):
+            return True
+        self.metrics.dropped_message("queue_full")
+        self._warn("queue_full", "pipeline queue full (%d) and not draining; dropping telemetry", self.queue.maxsize)
+        return False
 
-    def handle(self, topic: str, payload: bytes, recv_time: float) -> None:
+    def handle(self, topic: str, payload: bytes, recv_time: float, token: int | None = None) -> None:
         """Decode one message and push its row; scores when a batch fills."""
+        if token is not None:
+            self.progress = token
         try:
-            device, sensor = self.matcher.match(topic)
+            hit = self._topics.get(topic)
+            if hit is None:
+                hit = self._match(topic)
+            device, sensor = hit
+            if device is None:  # another agent's device (partitioned scale-out)
+                self.metrics.dropped_message("other_partition")
+                return
             if self.per_sensor:
                 self._handle_sensor(device, sensor, payload, recv_time)
                 return
-            d = self.decoder.decode(payload, recv_time)
+            ts, vals, extras, complete = self.decoder.decode_values(payload, recv_time)
         except DecodeError as e:
             self._invalid(topic, payload, e.reason, e.detail)
             return
-        dev = self._admit(device)
+        dev = self.devices.get(device) or self._admit(device)
         if dev is None:
             return
-        if d.ts <= dev.last_ts:
-            self._invalid(topic, payload, "out_of_order", f"{device} ts {d.ts} <= {dev.last_ts}")
+        if ts <= dev.last_ts:
+            self._invalid(topic, payload, "out_of_order", f"{device} ts {ts} <= {dev.last_ts}")
             return
-        if d.extras:
-            self.metrics.unknown_sensors.inc(d.extras)
+        if extras:
+            self.metrics.unknown_sensors.inc(extras)
         self._ok.inc()
-        self._push(device, dev, d.ts, d.row, recv_time)
+        dev.last_ts = ts
+        self.dirty.add(device)
+        if dev.stream.push_values(vals, complete):
+            self._due(device, dev, ts, recv_time)
+
+    def _match(self, topic: str) -> tuple[str | None, str | None]:
+        hit = self.matcher.match(topic)  # DecodeError for a foreign topic: not remembered
+        if self.partition is not None and partition_of(hit[0], self.partition[1]) != self.partition[0]:
+            self._warn("other_partition", "device %s belongs to partition %d, not ours (%d of %d); not scored",
+                       hit[0], partition_of(hit[0], self.partition[1]), *self.partition)
+            hit = (None, None)
+        if len(self._topics) >= TOPIC_CACHE:
+            self._topics.clear()
+        self._topics[topic] = hit
+        return hit
 
     def _handle_sensor(self, device: str, sensor: str, payload: bytes, recv_time: float) -> None:
         idx = self.decoder.index.get(sensor)
@@ -126,6 +259,7 @@ class Pipeline:
         if given and ts <= dev.last_ts:
             raise DecodeError("out_of_order", f"{device} ts {ts} <= {dev.last_ts}")
         self._ok.inc()
+        self.dirty.add(device)  # the half-assembled row is state too
         for row_ts, row in self.assembler.add(device, ts, idx, value, given):
             if row_ts > dev.last_ts:  # a receive-time stamp need not be newer than the last row: skip it
                 self._push(device, dev, row_ts, row, recv_time)
@@ -145,11 +279,15 @@ class Pipeline:
 
     def _push(self, device: str, dev: _Device, ts: float, row: np.ndarray, recv_time: float) -> None:
         dev.last_ts = ts
-        if not dev.stream.push(row):
-            return
+        self.dirty.add(device)
+        if dev.stream.push(row):
+            self._due(device, dev, ts, recv_time)
+
+    def _due(self, device: str, dev: _Device, ts: float, recv_time: float) -> None:
         i = self._n
         self._buf[i] = dev.stream.window.view()  # copy: the ring's view changes on the next push
-        self._meta[i] = (device, dev, ts, recv_time)
+        self._meta[i] = (device, dev, ts)
+        self._recv[i] = recv_time
         self._n = i + 1
         if i == 0:
             self._deadline = self.clock() + self.max_latency
@@ -179,18 +317,25 @@ class Pipeline:
         self.metrics.batches.inc()
         self.metrics.batch_size.observe(n)
         self.metrics.windows.inc(n)
-        now = self.now()
-        latency = self.metrics.latency.labels("scored")
-        for i in range(n):
-            device, dev, ts, recv = self._meta[i]
-            d = dev.stream.decide(float(scores[i]))
+        recv = self._recv[:n]
+        observe_many(self.metrics.latency.labels("scored"), np.maximum(self.now() - recv, 0.0))
+        meta = self._meta
+        for i, raw in enumerate(scores.tolist()):
+            device, dev, ts = meta[i]
+            d = dev.stream.decide(raw)
             dev.score_gauge.set(d.score)
-            latency.observe(max(0.0, now - recv))
             if d.event is not None:
-                self._emit(device, ts, d.event.value, d.score, contrib[i], recv)
+                self._emit(device, ts, d.event.value, d.score, contrib[i], float(recv[i]), self._buf[i])
 
-    def _emit(self, device: str, ts: float, state: str, score: float, contrib: np.ndarray, recv: float) -> None:
+    def _emit(self, device: str, ts: float, state: str, score: float, contrib: np.ndarray, recv: float,
+              window: np.ndarray | None = None) -> None:
         ts_iso = iso_utc(ts)
+        fault = None
+        if state == "raised" and self.classifier is not None and window is not None:
+            try:
+                fault = self.classifier.classify_one(self.scorer.scale(window))
+            except Exception:  # the alert matters more than its fault name
+                log.exception("fault classifier failed; alert sent without a fault type")
         alert = Alert(
             id=alert_id(self.cfg.agent_id, device, state, ts_iso, self.model),
             device=device,
@@ -200,7 +345,7 @@ class Pipeline:
             threshold=self.manifest.threshold.value,
             model=self.model,
             top_sensors=[TopSensor(**t) for t in top_sensors(contrib, self.manifest.features)],
-            fault=None,
+            fault=fault,
             agent=self.cfg.agent_id,
         )
         self.metrics.alerts.labels(state).inc()
@@ -210,15 +355,23 @@ class Pipeline:
 
     # ------------------------------------------------------------ bundle swap (hot reload)
 
-    def request_swap(self, scorer: Scorer) -> None:
+    def request_swap(self, scorer: Scorer, classifier: FaultClassifier | None = None) -> None:
         """Serve a new, already verified bundle from the next loop pass (any thread may call this)."""
+        self._swap_classifier = classifier
         self._swap = scorer
 
     def _apply_swap(self) -> None:
         scorer, self._swap = self._swap, None
+        self.classifier = self._swap_classifier
         self.flush()  # windows already due are decided by the model they were due under
         old, m = self.manifest, scorer.manifest
+        if m == old:  # the same bundle verified again (SIGHUP, a re-installed copy): every device keeps its state
+            self.scorer = scorer
+            log.info("now serving bundle %s %s (unchanged; %d devices keep their state)", m.name, m.version,
+                     len(self.devices))
+            return
         self.scorer, self.manifest = scorer, m
+        self.dirty.update(self.devices)
         self.model = ModelRef(name=m.name, version=m.version)
         self.decoder = PayloadDecoder(m.features, self.cfg.topics.format, self.cfg.max_payload_bytes)
         if m.features != old.features:
@@ -232,7 +385,7 @@ class Pipeline:
             prev = dev.stream
             if same_shape:
                 w, pw = st.window, prev.window
-                w.buf[:], w.head, w.count, w.last[:] = pw.buf, pw.head, pw.count, pw.last
+                w.buf[:], w.head, w.count = pw.buf, pw.head, pw.count  # the newest row is the fill source
                 st.rows, st.since_scored = prev.rows, prev.since_scored
             st.alert.active = prev.alert.active
             dev.stream = st
@@ -247,23 +400,25 @@ class Pipeline:
         if self._swap is not None:
             self._apply_swap()
         n = 0
-        q = self.queue
+        q, clock, handle = self.queue, self.clock, self.handle
         while n < max_items:
+            items = q.take(min(CHUNK, max_items - n))
+            if items:
+                for item in items:
+                    handle(*item)
+                    if self._n and clock() >= self._deadline:
+                        self.flush()
+                n += len(items)
+                continue
             if self._n:
-                timeout = self._deadline - self.clock()
+                timeout = self._deadline - clock()
                 if timeout <= 0:
                     self.flush()
-                    continue
-            else:
-                timeout = idle_wait if n == 0 else 0.0
-            try:
-                item = q.get(timeout=timeout) if timeout > 0 else q.get_nowait()
-            except queue.Empty:
-                if self._n:
-                    continue  # deadline reached while waiting: flush on the next turn
+                else:  # more messages may join the batch until its deadline: wake early only to fill it
+                    q.wait(timeout, self.max_batch - self._n)
+                continue
+            if n or not q.wait(idle_wait):
                 break
-            self.handle(*item)
-            n += 1
         self.poll()
         self.metrics.queue_depth.set(q.qsize())
         return n
@@ -279,10 +434,11 @@ class Pipeline:
 
     def drain(self) -> None:
         while True:
-            try:
-                self.handle(*self.queue.get_nowait())
-            except queue.Empty:
+            items = self.queue.take(CHUNK)
+            if not items:
                 break
+            for item in items:
+                self.handle(*item)
         self.flush()
         self.metrics.queue_depth.set(0)
 
