@@ -274,8 +274,10 @@ class _Conn:
 class MQTTBroker:
     """The asyncio broker core. Use EmbeddedBroker (thread) or serve() (asyncio) to run it."""
 
-    def __init__(self, max_packet_size: int = 1 << 20, max_queued: int = 10_000, max_inflight: int = 100,
+    def __init__(self, max_packet_size: int = 1 << 20, max_queued: int = 10_000, max_inflight: int = 65535,
                  connect_timeout: float = 10.0, max_write_buffer: int = 8 << 20):
+        # max_inflight caps what a client may hold unacknowledged; by default the client's own v5 Receive
+        # Maximum rules, as on mosquitto (an agent that acks only at checkpoints needs a wide window).
         self.max_packet_size, self.max_queued, self.max_inflight = max_packet_size, max_queued, max_inflight
         self.connect_timeout, self.max_write_buffer = connect_timeout, max_write_buffer
         self.sessions: dict[str, _Session] = {}

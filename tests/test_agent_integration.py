@@ -484,3 +484,27 @@ def _epoch(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso).timestamp()
+
+
+def test_agent_drains_a_burst_through_the_embedded_broker(tmp_path, tiny, prefix):
+    """Regression: the demo's fallback broker capped in-flight messages at 100 while the agent acks
+    telemetry only at checkpoints, so a burst trickled in at ~100 msg/s and most of the demo went unscored."""
+    from agent.broker import EmbeddedBroker
+
+    eb = EmbeddedBroker(host="127.0.0.1", port=0).start()
+    app = App(agent_config(tmp_path, eb, tiny, prefix)).start()
+    pub = publisher(eb)
+    try:
+        assert app.link.wait_connected(10)
+        rows = rows_with_fault(5, n=1000)
+        infos = [pub.publish(f"{prefix}/line1/pump-{d}/telemetry", telemetry(T0 + t, rows[t]), qos=1)
+                 for t in range(1000) for d in range(2)]
+        for i in infos:
+            i.wait_for_publish(10)
+        wait_until(lambda: app.metrics.registry.get_sample_value("edgewatch_windows_scored_total") == 2000,
+                   timeout=8, what="the whole burst scored")
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        app.stop()
+        eb.stop()
