@@ -107,10 +107,15 @@ class MqttLink:
         self._early: dict[int, bool] = {}  # PUBACKs that beat _track (mid -> success)
         self.last_refusal: str | None = None  # why the last attempt failed (CONNACK, TLS, network), for /readyz
         self._got_connack = False
+        self._sub_mid: int | None = None  # SUBACK that completes a (re)connect
         self._stopping = False
         # Manual acks: received QoS 1 messages of this connection, in arrival order, as
-        # [token, mid, qos, not_queued]; the token is what on_message got (pipeline progress).
+        # [token, mid, qos, not_queued, connection]; the token is what on_message got (pipeline
+        # progress). A mid means nothing on another connection: acking it there could acknowledge
+        # a message we never saw, so entries of a lost connection are never acknowledged (the
+        # broker sends those messages again, and the timestamp order drops what we already have).
         self.manual_ack = manual_ack
+        self._conn = 0  # connection generation: +1 on every loss
         self._acks: collections.deque[list] = collections.deque()
         self._ack_lock = threading.Lock()
         self._token = 0
@@ -289,8 +294,9 @@ class MqttLink:
                     if not (acks and (acks[0][0] <= token or acks[0][3])):
                         more = False
                         break
-                    _, mid, qos, _ = acks.popleft()
-                    self.client.ack(mid, qos)
+                    _, mid, qos, _, conn = acks.popleft()
+                    if conn == self._conn:
+                        self.client.ack(mid, qos)
         now = time.monotonic()
         if self.linger and now - self._last_purge >= 1.0:  # called every loop pass: housekeeping too
             self._last_purge = now
@@ -331,10 +337,8 @@ class MqttLink:
             self._acks.clear()
         log.info("connected to broker (session present: %s)", flags.session_present)
         subs = list(self._subs.items())
-        if subs:
-            client.subscribe(subs)
+        self._sub_mid = client.subscribe(subs)[1] if subs else None
         self.publish(self.status_topic, b"online", qos=1, retain=True)
-        self._set_connected(True)
         if self.linger:
             again = self.outbox.lingering()
             if again:
@@ -343,8 +347,14 @@ class MqttLink:
             for e in again:
                 self._publish_alert(e.seq, e.topic, e.payload, e.state_topic, None)
             self._update_backlog()
+        if self._sub_mid is None:
+            self._set_connected(True)
+        # else once the SUBACK is in (_cb_subscribe): telemetry published right after we report
+        # "connected" (READY=1, /readyz) must not reach a new session before our subscriptions do
+
 
     def _cb_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._conn += 1  # before paho reconnects: no PUBACK of this connection's mids goes out on the next
         if self.linger and not self._stopping:  # acknowledged long enough before the loss: saved by the broker
             self._purge()
         if self._stopping:
@@ -360,6 +370,9 @@ class MqttLink:
         for rc in reason_codes:
             if rc.is_failure:
                 log.error("broker refused a subscription: %s", rc)
+        if mid == self._sub_mid:
+            self._sub_mid = None
+            self._set_connected(True)
 
     def _cb_message(self, client, userdata, msg) -> None:
         self._last_rx = time.time()
@@ -371,7 +384,7 @@ class MqttLink:
             self._on_message(topic, msg.payload, time.time())
             return
         self._token += 1
-        entry = [self._token, msg.mid, msg.qos, False]
+        entry = [self._token, msg.mid, msg.qos, False, self._conn]
         if msg.qos:
             self._acks.append(entry)  # no lock: deque.append is atomic, and clear() runs on this thread
         if self._on_message(topic, msg.payload, time.time(), self._token) is False:

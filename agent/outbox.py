@@ -109,7 +109,8 @@ class Outbox:
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, topic, payload, state_topic FROM outbox WHERE acked IS NOT NULL ORDER BY seq").fetchall()
-            self._db.execute("UPDATE outbox SET acked = NULL WHERE acked IS NOT NULL")
+            if rows:
+                self._db.execute("UPDATE outbox SET acked = NULL WHERE acked IS NOT NULL")
         return [Entry(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
 
     def purge(self, acked_before: float, created_before: float = float("-inf")) -> None:
