@@ -51,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.broker import stop_process
+
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 AGENT_ID = "gw-faults"
 TOPIC = "factory/line1/{device}/telemetry"
@@ -109,13 +111,7 @@ class Mosquitto:
             self.kills += 1
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def _proc_status(pid: int) -> dict[str, int]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.broker import stop_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -61,13 +63,7 @@ class Broker:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def mosquitto_available() -> bool:
