@@ -1,7 +1,8 @@
 """``edge-agent check``: prove a gateway is ready to run before (re)starting the service.
 
-One row per item (config, bundle, every backend's golden-vector parity, state dir, credentials,
-TLS, broker, broker authentication); exit 0 when no row is FAIL. ``warn`` rows do not fail.
+One row per item (config, bundle, every backend's golden-vector parity on every model in the
+bundle, state dir, credentials, TLS, broker, broker authentication); exit 0 when no row is FAIL.
+``warn`` rows do not fail.
 """
 from __future__ import annotations
 
@@ -96,23 +97,27 @@ def _auth_row(cfg: AgentConfig, broker: bool, timeout: float) -> Row:
 
 
 def _backend_row(cfg: AgentConfig, m, name: str) -> Row:
+    """Golden vectors of every model in the bundle (vae, then generator/classifier when present), then one window."""
     label = f"backend {name}" + (" (configured)" if name == cfg.backend else "")
     if m is None:
         return Row(label, "skip", "no valid bundle")
-    entry = m.models["vae"]
-    if not entry.files.get(FORMAT[name]):
-        st = "FAIL" if name == cfg.backend else "skip"
-        return Row(label, st, f"bundle has no {FORMAT[name]} model")
+    models = ["vae"] + [k for k in m.models if k != "vae"]
+    for model in models:
+        if not m.models[model].files.get(FORMAT[name]):
+            st = "FAIL" if name == cfg.backend else "skip"
+            return Row(label, st, f"bundle has no {FORMAT[name]} model" + ("" if model == "vae" else f" for {model!r}"))
     try:
-        backend = open_backend(name, cfg.bundle, m, threads=cfg.threads, check_golden=False)
-        worst = verify_golden(backend, Path(cfg.bundle), entry, "vae")
-        scorer = Scorer(m, backend)
+        worst, opened = 0.0, {}
+        for model in models:
+            opened[model] = open_backend(name, cfg.bundle, m, model=model, threads=cfg.threads, check_golden=False)
+            worst = max(worst, verify_golden(opened[model], Path(cfg.bundle), m.models[model], model))
+        scorer = Scorer(m, opened["vae"])
         win = np.tile(np.asarray(m.scaler.centre, np.float32), (1, m.window, 1))
         scorer.score(win)  # warm-up
         t = time.perf_counter()
         scorer.score(win)
         ms = (time.perf_counter() - t) * 1e3
-        return Row(label, "ok", f"golden vectors max diff {worst:.2g}; one window in {ms:.2f} ms")
+        return Row(label, "ok", f"golden vectors max diff {worst:.2g} ({', '.join(models)}); one window in {ms:.2f} ms")
     except BackendUnavailable as e:
         return Row(label, "FAIL" if name == cfg.backend else "skip", str(e))
     except BundleError as e:

@@ -44,8 +44,9 @@ stays; connection and topic changes need a restart.
 """
 
 CHECK_HELP = """\
-Validate the configuration and the bundle, run the golden vectors and one test inference
-on every installed backend, and try to connect to the broker (with TLS and credentials as
+Validate the configuration and the bundle, run the golden vectors of every model in the
+bundle (VAE, and generator and classifier when present) and one test inference on every
+installed backend, and try to connect to the broker (with TLS and credentials as
 configured; where anonymous clients are not allowed, also check that the broker refuses
 them). Prints a table; exits 0 when nothing failed, 1 otherwise. Safe next to a running
 agent (it uses its own client id).

@@ -13,7 +13,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cli import main
-from tiny_bundle import make_tiny_bundle
+from tiny_bundle import make_fault_bundle, make_tiny_bundle
 
 
 @pytest.fixture(autouse=True)
@@ -126,6 +126,45 @@ def test_check_fails_on_unreachable_broker_and_corrupt_bundle(capsys, tmp_path, 
     assert rc == 1
     assert "bundle file corrupt" in out and "check FAILED" in out
     assert [ln for ln in out.splitlines() if ln.startswith("broker")][0].split()[1] == "FAIL"
+
+
+def _backend_row(out: str, name: str = "onnxruntime") -> str:
+    return [ln for ln in out.splitlines() if ln.startswith(f"backend {name}")][0]
+
+
+def test_check_golden_checks_every_model_in_the_bundle(capsys, tmp_path):
+    b = make_fault_bundle(tmp_path / "b", {"spike": 10.0}, classifier=True)
+    cfg = write(tmp_path, "a.yaml", f"bundle: {b}\nstate_dir: {tmp_path / 'state'}\n")
+    rc, out, _ = run_cli(capsys, "check", "--config", str(cfg), "--no-broker")
+    assert rc == 0, out
+    row = _backend_row(out)
+    assert " ok " in row and "golden vectors" in row
+    for model in ("vae", "generator", "classifier"):
+        assert model in row, row
+
+
+@pytest.mark.parametrize("model,output", [("classifier", "probs"), ("generator", "window")])
+def test_check_fails_naming_the_model_whose_golden_outputs_do_not_match(capsys, tmp_path, model, output):
+    import numpy as np
+
+    from agent.manifest import load_manifest, sha256_file, write_manifest
+
+    b = make_fault_bundle(tmp_path / "b", {"spike": 10.0}, classifier=True)
+    golden = b / f"{model}_golden.npz"
+    with np.load(golden) as g:
+        arrays = dict(g)
+    arrays[f"out_{output}"] = arrays[f"out_{output}"] + 0.5  # tampered, and re-hashed so only the parity check can tell
+    np.savez(golden, **arrays)
+    m = load_manifest(b, verify=False)
+    entry = m.models[model].model_copy(update={"golden_sha256": sha256_file(golden)})
+    write_manifest(b, m.model_copy(update={"models": {**m.models, model: entry}}))
+    cfg = write(tmp_path, "a.yaml", f"bundle: {b}\nstate_dir: {tmp_path / 'state'}\n")
+    rc, out, _ = run_cli(capsys, "check", "--config", str(cfg), "--no-broker")
+    assert rc == 1 and out.strip().endswith("check FAILED"), out
+    row = _backend_row(out)
+    assert row.split()[3] == "FAIL", row
+    assert f"{model}.{output} differs from golden vectors" in row, row
+    assert "Traceback" not in out
 
 
 def test_replay_publishes_csv_as_telemetry(capsys, tmp_path, broker):

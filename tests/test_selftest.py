@@ -12,61 +12,16 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from agent.backends import open_backend
 from agent.classify import FaultClassifier
 from agent.config import load_config
-from agent.manifest import ModelEntry, ModelFile, load_manifest, sha256_file, write_manifest
+from agent.manifest import load_manifest, write_manifest
 from agent.metrics import Metrics
 from agent.scoring import Scorer
 from agent.selftest import NO_GENERATOR, Canary, run_selftest, selftest_bundle
-from tiny_bundle import make_tiny_bundle
-
-LATENT = 4
-
-
-def _generator_onnx(patterns: np.ndarray) -> onnx.ModelProto:
-    """window = reshape(cls @ K + z @ 0, (B, W, F)); K row c = class c's scaled pattern."""
-    C, W, F = patterns.shape
-    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", LATENT])
-    cls = helper.make_tensor_value_info("cls", TensorProto.FLOAT, ["batch", C])
-    out = helper.make_tensor_value_info("window", TensorProto.FLOAT, ["batch", W, F])
-    inits = [numpy_helper.from_array(patterns.reshape(C, W * F).astype(np.float32), "K"),
-             numpy_helper.from_array(np.zeros((LATENT, W * F), np.float32), "Z0"),
-             numpy_helper.from_array(np.array([-1, W, F], np.int64), "shape")]
-    nodes = [helper.make_node("MatMul", ["cls", "K"], ["a"]), helper.make_node("MatMul", ["z", "Z0"], ["b"]),
-             helper.make_node("Add", ["a", "b"], ["flat"]), helper.make_node("Reshape", ["flat", "shape"], ["window"])]
-    m = helper.make_model(helper.make_graph(nodes, "tiny_gen", [z, cls], [out], inits),
-                          opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    onnx.checker.check_model(m)
-    return m
-
-
-def make_fault_bundle(d, faults: dict[str, float], normal: bool = True, threshold: float = 8.0, **kw):
-    """Tiny bundle + generator: fault ``name`` -> +``size`` (scaled) on sensor b in every row."""
-    d = make_tiny_bundle(d, threshold=threshold, **kw)
-    m = load_manifest(d)
-    W, F = m.window, len(m.features)
-    classes = sorted(faults) + (["normal"] if normal else [])
-    pats = np.zeros((len(classes), W, F), np.float32)
-    for i, c in enumerate(classes):
-        pats[i, :, 1] = faults.get(c, 0.0)
-    onnx.save(_generator_onnx(pats), d / "generator.onnx")
-    cls_in = np.repeat(np.eye(len(classes), dtype=np.float32), 2, axis=0)
-    z_in = np.random.default_rng(0).standard_normal((len(cls_in), LATENT)).astype(np.float32)
-    np.savez(d / "generator_golden.npz", in_z=z_in, in_cls=cls_in, out_window=pats[np.argmax(cls_in, 1)])
-    gen = ModelEntry(inputs=["z", "cls"], outputs=["window"],
-                     files={"onnx": [ModelFile(path="generator.onnx", sha256=sha256_file(d / "generator.onnx"))]},
-                     golden="generator_golden.npz", golden_sha256=sha256_file(d / "generator_golden.npz"),
-                     tolerance=1e-5)
-    write_manifest(d, m.model_copy(update={"models": {**m.models, "generator": gen}, "classes": classes,
-                                           "latent_dim": LATENT}))
-    return d
-
+from tiny_bundle import make_fault_bundle, make_tiny_bundle
 
 def _open(d):
     m = load_manifest(d)
