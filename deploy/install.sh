@@ -20,7 +20,8 @@ usage: install.sh [options]
   --source PATH   repo checkout or wheel to pip-install (default: this checkout)
   --litert        also install the LiteRT backend (pip extra [litert])
   --bundle DIR    copy a model bundle to /etc/edgewatch/bundles/<name>-<version>
-                  and point /etc/edgewatch/bundle at it
+                  and point /etc/edgewatch/bundle at it (bundle.previous then
+                  names the one it replaced, for edge-agent rollback)
   --python PATH   interpreter for the venv (default: /usr/bin/python3; >= 3.11)
   --no-start      enable the service but do not start or restart it
   --root DIR      install under DIR (tests, image builds): no systemctl, and
@@ -231,17 +232,27 @@ print(re.sub(r"[^A-Za-z0-9._-]", "_", "%s-%s" % (m.get("name", "bundle"), m.get(
         mv "$dest.tmp.$$" "$dest"
         say "installed $dest/"
     fi
+    # Same layout as `edge-agent install-bundle` (agent/bundle_store.py): bundle.previous
+    # names the bundle replaced, so `edge-agent rollback` can switch back to it.
     link=$ETC/bundle
-    if [ "$(readlink "$link" 2>/dev/null || true)" = "bundles/$bname" ]; then
+    prev_link=$ETC/bundle.previous
+    old=$(readlink "$link" 2>/dev/null || true)
+    if [ "$old" = "bundles/$bname" ]; then
         say "unchanged $link -> bundles/$bname"
     elif [ -e "$link" ] && [ ! -L "$link" ]; then
         die "$link exists and is not a symlink; move it into $ETC/bundles/ first"
     elif [ "$DRY" = 1 ]; then
         say "would point $link -> bundles/$bname"
+        [ -z "$old" ] || say "would point $prev_link -> $old"
     else
         ln -sfn "bundles/$bname" "$link.tmp.$$"
         mv -Tf "$link.tmp.$$" "$link"       # atomic switch
         say "switched $link -> bundles/$bname"
+        if [ -n "$old" ]; then
+            ln -sfn "$old" "$prev_link.tmp.$$"
+            mv -Tf "$prev_link.tmp.$$" "$prev_link"
+            say "pointed $prev_link -> $old (edge-agent rollback goes there)"
+        fi
         BUNDLE_SWITCHED=1
     fi
 fi

@@ -358,18 +358,38 @@ def make_bundle(tmp_path: Path, version: str = "1.2.0") -> Path:
     return b
 
 
-def test_install_bundle_switches_symlink(tmp_path, no_systemctl):
+def test_install_bundle_switches_symlink_and_edge_agent_rollback_goes_back(tmp_path, no_systemctl, capsys, monkeypatch):
+    from agent.cli import main
+    from tiny_bundle import make_tiny_bundle
+
     env, _ = no_systemctl
     root = tmp_path / "root"
     root.mkdir()
-    sh(INSTALL, "--root", root, "--bundle", make_bundle(tmp_path, "1.2.0"), env=env)
-    link = root / "etc/edgewatch/bundle"
+    src = {v: make_tiny_bundle(tmp_path / f"src-{v}", name="pump-vae", version=v) for v in ("1.2.0", "1.3.0")}
+    sh(INSTALL, "--root", root, "--bundle", src["1.2.0"], env=env)
+    link, prev = root / "etc/edgewatch/bundle", root / "etc/edgewatch/bundle.previous"
     assert os.readlink(link) == "bundles/pump-vae-1.2.0"
+    assert not prev.exists() and not prev.is_symlink(), "first install: nothing to roll back to"
     assert (link / "manifest.json").is_file() and mode(root / "etc/edgewatch/bundles/pump-vae-1.2.0/vae.onnx") == 0o644
-    r = sh(INSTALL, "--root", root, "--bundle", make_bundle(tmp_path, "1.3.0"), env=env)
+    r = sh(INSTALL, "--root", root, "--bundle", src["1.3.0"], env=env)
     assert os.readlink(link) == "bundles/pump-vae-1.3.0"
     assert "switched" in r.stdout
     assert (root / "etc/edgewatch/bundles/pump-vae-1.2.0").is_dir(), "old bundle kept for rollback"
+    assert os.readlink(prev) == "bundles/pump-vae-1.2.0", "bundle.previous names the replaced bundle, as install-bundle does"
+    assert f"{prev} -> bundles/pump-vae-1.2.0" in r.stdout
+    sh(INSTALL, "--root", root, "--bundle", src["1.3.0"], env=env)  # re-run: no switch, previous kept
+    assert os.readlink(link) == "bundles/pump-vae-1.3.0" and os.readlink(prev) == "bundles/pump-vae-1.2.0"
+
+    # edge-agent rollback works on what the script laid out, and a second rollback undoes the first.
+    for k in [k for k in os.environ if k.startswith("EDGEWATCH_")]:
+        monkeypatch.delenv(k)
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"bundle: {link}\nstate_dir: {tmp_path / 'state'}\n")
+    assert main(["rollback", "--config", str(cfg)]) == 0
+    assert "bundle -> pump-vae-1.2.0" in capsys.readouterr().out
+    assert os.readlink(link) == "bundles/pump-vae-1.2.0" and os.readlink(prev) == "bundles/pump-vae-1.3.0"
+    assert main(["rollback", "--config", str(cfg)]) == 0
+    assert os.readlink(link) == "bundles/pump-vae-1.3.0" and os.readlink(prev) == "bundles/pump-vae-1.2.0"
 
 
 @pytest.mark.parametrize(
