@@ -77,6 +77,7 @@ class App:
         self.pipeline = Pipeline(
             cfg, scorer, self.metrics,
             sink=lambda *a: self.link.send_alert(*a),
+            sink_many=lambda alerts: self.link.send_alerts(alerts),  # one outbox commit per batch
             dead_letter=self._dead_letter if cfg.topics.dead_letter else None,
             classifier=classifier,
         )

@@ -10,7 +10,8 @@
   a state checkpoint holds it (``ack_through``, see agent.checkpoint), so after a crash the
   broker redelivers what the agent had not yet made durable. MQTT 5 announces a receive
   maximum, so the broker holds back (keeps queued) what the pipeline cannot take yet.
-- Alerts: outbox first, then QoS 1 publish; the outbox row is deleted on PUBACK. paho keeps
+- Alerts: outbox first, then QoS 1 publish; the outbox row is deleted on PUBACK. The alerts of
+  one micro-batch are persisted in one transaction (``send_alerts``: one fsync), then published. paho keeps
   unacknowledged and not-yet-sent QoS 1 messages in its ordered queue across reconnects,
   so alerts raised while disconnected go out, in order, after the reconnect; alerts left
   in the outbox by a previous process are queued again at start. An alert the broker
@@ -200,15 +201,22 @@ class MqttLink:
 
     def send_alert(self, topic: str, payload: bytes, state_topic: str | None, t0: float | None = None) -> int:
         """Persist, then publish an alert (QoS 1) and its retained state. Returns the outbox seq."""
-        seq = None
-        if self.outbox is not None:
+        return self.send_alerts([(topic, payload, state_topic, t0)])[0]
+
+    def send_alerts(self, alerts: list[tuple[str, bytes, str | None, float | None]]) -> list[int]:
+        """:meth:`send_alert` for several alerts (one micro-batch's): persisted in ONE outbox
+        transaction (one fsync), then published in order. Returns the outbox seqs (-1: not persisted)."""
+        seqs: list[int | None] = [None] * len(alerts)
+        if self.outbox is not None and alerts:
             try:
-                seq = self.outbox.put(topic, payload, state_topic)
+                seqs = self.outbox.put_many([(topic, payload, st) for topic, payload, st, _ in alerts])
             except Exception:  # disk full, I/O error: still publish (paho keeps it while we run)
-                log.exception("cannot persist an alert in the outbox; publishing it without")
-        self._publish_alert(seq, topic, payload, state_topic, t0)
-        self._update_backlog()
-        return seq if seq is not None else -1
+                log.exception("cannot persist %d alert(s) in the outbox; publishing without", len(alerts))
+        for seq, (topic, payload, state_topic, t0) in zip(seqs, alerts):
+            self._publish_alert(seq, topic, payload, state_topic, t0)
+        if alerts:
+            self._update_backlog()
+        return [s if s is not None else -1 for s in seqs]
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # (alert topic, payload, retained state topic, receive time of the triggering message)
 AlertSink = Callable[[str, bytes, str, float], object]
+# The alerts decided in one micro-batch, in order, handed over at once (one outbox commit for all).
+AlertBatchSink = Callable[[list[tuple[str, bytes, str, float]]], object]
 DeadLetter = Callable[[str, bytes, str], None]
 
 
@@ -144,11 +146,12 @@ class Pipeline:
         cfg: AgentConfig,
         scorer: Scorer,
         metrics: Metrics,
-        sink: AlertSink,
+        sink: AlertSink | None,
         dead_letter: DeadLetter | None = None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], float] = time.time,
         classifier: FaultClassifier | None = None,
+        sink_many: AlertBatchSink | None = None,
     ):
         m: Manifest = scorer.manifest
         self.cfg = cfg
@@ -156,6 +159,8 @@ class Pipeline:
         self.scorer = scorer
         self.metrics = metrics
         self.sink = sink
+        self.sink_many = sink_many  # preferred over ``sink``: a batch's alerts in one call
+        self._alerts: list[tuple[str, bytes, str, float]] = []  # decided in the current flush
         self.dead_letter = dead_letter
         self.clock = clock
         self.now = now
@@ -326,6 +331,18 @@ class Pipeline:
             dev.score_gauge.set(d.score)
             if d.event is not None:
                 self._emit(device, ts, d.event.value, d.score, contrib[i], float(recv[i]), self._buf[i])
+        if self._alerts:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the batch's alerts over, in decision order: all at once to ``sink_many`` (the
+        agent persists them in one outbox transaction, then publishes them), else one by one."""
+        alerts, self._alerts = self._alerts, []
+        if self.sink_many is not None:
+            self.sink_many(alerts)
+        else:
+            for a in alerts:
+                self.sink(*a)
 
     def _emit(self, device: str, ts: float, state: str, score: float, contrib: np.ndarray, recv: float,
               window: np.ndarray | None = None) -> None:
@@ -351,7 +368,7 @@ class Pipeline:
         self.metrics.alerts.labels(state).inc()
         log.warning("alert %s %s score=%.3f threshold=%.3f at %s", device, state, score, alert.threshold, ts_iso)
         t = self.cfg.topics
-        self.sink(render(t.alerts, device=device), alert.to_bytes(), render(t.state, device=device), recv)
+        self._alerts.append((render(t.alerts, device=device), alert.to_bytes(), render(t.state, device=device), recv))
 
     # ------------------------------------------------------------ bundle swap (hot reload)
 

@@ -63,3 +63,47 @@ def test_corrupt_file_is_moved_aside(tmp_path):
     assert ob.backlog() == 0
     assert list(tmp_path.glob("o.sqlite.corrupt-*"))
     ob.close()
+
+
+class _Commits:
+    """Counts the transactions a connection commits (each one an fsync with synchronous=FULL):
+    an explicit COMMIT, or a write statement run outside a transaction (autocommit)."""
+
+    def __init__(self, db):
+        self.n, self._in_tx = 0, False
+        db.set_trace_callback(self._trace)
+
+    def _trace(self, sql: str) -> None:
+        s = sql.lstrip().upper()
+        if s.startswith("BEGIN"):
+            self._in_tx = True
+        elif s.startswith(("COMMIT", "END")):
+            self._in_tx, self.n = False, self.n + 1
+        elif s.startswith("ROLLBACK"):
+            self._in_tx = False
+        elif s.startswith(("INSERT", "UPDATE", "DELETE", "REPLACE")) and not self._in_tx:
+            self.n += 1
+
+
+def test_put_many_is_one_commit_and_keeps_order(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite")
+    commits = _Commits(ob._db)
+    seqs = ob.put_many([(f"a/{i}", f"p{i}".encode(), f"s/{i}") for i in range(10)])
+    assert commits.n == 1  # one transaction (one fsync) for the whole batch, not one per alert
+    assert seqs == sorted(seqs) and len(set(seqs)) == 10
+    assert [(e.seq, e.topic, e.payload, e.state_topic) for e in ob.pending()] == [
+        (s, f"a/{i}", f"p{i}".encode(), f"s/{i}") for i, s in enumerate(seqs)]
+    commits.n = 0  # pending() wrote too (it marks lingering alerts unacknowledged)
+    assert ob.put_many([]) == [] and commits.n == 0
+    assert ob.put("t", b"x") > seqs[-1] and commits.n == 1
+    ob.close()
+
+
+def test_put_many_is_all_or_nothing(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite")
+    import pytest
+    with pytest.raises(Exception):
+        ob.put_many([("a", b"1", None), (None, b"2", None)])  # topic NOT NULL: the second insert fails
+    assert ob.backlog() == 0
+    assert ob.put_many([("a", b"1", None)]) and ob.backlog() == 1  # the connection is usable afterwards
+    ob.close()

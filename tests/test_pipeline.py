@@ -256,3 +256,59 @@ def test_bundle_swap_keeps_windows_and_active_alerts(bundle, tmp_path):
     r.p.handle("factory/l1/p/telemetry", b'{"ts": 1700000030, "values": {"a": 0, "b": 0, "c": 0, "d": 0}}', T0)
     r.p.flush()
     assert r.sample("edgewatch_windows_scored_total") == 17
+
+
+def test_alerts_of_one_batch_are_one_outbox_commit_each_durable_before_its_publish(bundle, tmp_path):
+    """Group commit: the alerts decided in one micro-batch are written to the outbox in one
+    transaction (one fsync), and every one of them is in the outbox before any is published."""
+    from agent.mqtt_link import MqttLink
+    from agent.outbox import Outbox
+    from test_outbox import _Commits
+
+    cfg = load_config(agent_id="gw", bundle=str(bundle), batching={"max_batch": 64, "max_latency_ms": 1e4})
+    m = load_manifest(bundle)
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    link = MqttLink(cfg, lambda *a: None, Metrics(), outbox)  # never connected: paho keeps what is published
+    commits = _Commits(outbox._db)
+    durable_at_publish = []
+    real_publish = link.client.publish
+
+    def publish(topic, payload=None, qos=0, retain=False, properties=None):
+        if topic.startswith("edgewatch/alerts/"):
+            with _Peek(tmp_path / "outbox.sqlite") as other:
+                durable_at_publish.append(other.count())
+        return real_publish(topic, payload, qos=qos, retain=retain, properties=properties)
+
+    link.client.publish = publish
+    calls = []
+    p = Pipeline(cfg, Scorer(m, open_backend("onnxruntime", bundle, m)), Metrics(), sink=None,
+                 sink_many=lambda alerts: calls.append(len(alerts)) or link.send_alerts(alerts),
+                 clock=FakeClock(), now=lambda: T0 + 1e6)
+    devices = [f"p{i}" for i in range(5)]
+    for t in range(3):  # raise_after=2: the second faulty row of each device raises
+        for dev in devices:
+            body = json.dumps({"ts": T0 + t, "values": {"a": 50.0 if t else 0.0, "b": 0.0, "c": 0.0}}).encode()
+            p.handle(f"factory/l1/{dev}/telemetry", body, T0)
+        p.flush()
+    assert calls == [5]  # one hand-over of the batch's five alerts
+    assert commits.n == 1  # one outbox transaction for them
+    assert durable_at_publish == [5] * 5  # all five were durable before the first went out
+    assert outbox.backlog() == 5
+    outbox.close()
+
+
+class _Peek:
+    """A second, independent connection: sees only what the outbox has committed."""
+
+    def __init__(self, path):
+        import sqlite3
+        self.db = sqlite3.connect(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.db.close()
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])
