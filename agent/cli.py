@@ -87,6 +87,7 @@ examples:
   edge-agent replay --csv a.csv --csv b.csv --rate 1 --restamp    # live-like, timestamps from now
   edge-agent replay --csv pump.csv --device pump-07 --line line2 --broker gw.local:1883
   edge-agent replay --csv pump.csv --config agent.yaml            # broker and topic from the agent config
+  edge-agent replay --csv a.csv --csv b.csv --topic 'factory/p{partition}/{line}/{device}/telemetry' --partitions 2
 """
 
 
@@ -139,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--config", metavar="FILE", help="take broker, credentials and topic from this agent config")
     rp.add_argument("--device", metavar="NAME", help="device name (default: the CSV file name without extension)")
     rp.add_argument("--line", default="line1", metavar="L", help="value for {line} in the topic (default line1)")
-    rp.add_argument("--topic", metavar="PATTERN", help="topic with {device} (and {line}); default factory/{line}/{device}/telemetry")
+    rp.add_argument("--topic", metavar="PATTERN", help="topic with {device} (and {line}, {partition}); default "
+                    "factory/{line}/{device}/telemetry")
+    rp.add_argument("--partitions", type=int, metavar="N", help="{partition} in the topic becomes crc32(device) %% N, "
+                    "the partitioned layout of topics.partition (default: count from --config)")
     rp.add_argument("--qos", type=int, choices=(0, 1), default=1, help="MQTT QoS (default 1)")
     rp.add_argument("--format", choices=("json", "flat"), default="json", help="payload shape (default json)")
     rp.add_argument("--time-col", default="timestamp", metavar="C", help="time column (default timestamp)")
@@ -240,13 +244,14 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from agent.replay import ReplayError, connect, parse_broker, read_csv, replay
+    from agent.replay import ReplayError, check_topic, connect, parse_broker, read_csv, replay
 
     if args.rate < 0:
         raise ReplayError("--rate must be >= 0")
     if args.device and len(args.csv) > 1:
         raise ReplayError("--device names one device; it cannot be used with several --csv")
     host, port, client, topic = "127.0.0.1", 1883, None, "factory/{line}/{device}/telemetry"
+    partitions, cfg_partitions = args.partitions, None
     if args.config:
         import uuid
 
@@ -259,11 +264,14 @@ def cmd_replay(args) -> int:
         host, port = cfg.mqtt.host, cfg.mqtt.port
         client = make_client(cfg, f"edgewatch-replay-{uuid.uuid4().hex[:8]}", persistent=False)  # credentials, TLS
         topic = "/".join("{line}" if lv == "+" else lv for lv in cfg.topics.telemetry[0].split("/"))
+        if cfg.topics.partition is not None:
+            cfg_partitions = cfg.topics.partition.count
     if args.broker:
         host, port = parse_broker(args.broker)
     topic = args.topic or topic
-    if "{device}" not in topic or "+" in topic or "#" in topic:
-        raise ReplayError(f"--topic {topic!r} needs {{device}} and no wildcards")
+    if partitions is None and "{partition}" in topic:
+        partitions = cfg_partitions
+    check_topic(topic, partitions)
     exclude = tuple(x.strip() for x in args.exclude.split(",") if x.strip())
     series = [read_csv(p, args.device, args.time_col, exclude) for p in args.csv]
     client = connect(host, port, client=client)
@@ -271,7 +279,7 @@ def cmd_replay(args) -> int:
     t = time.monotonic()
     try:
         n = replay(client, series, topic, rate=args.rate, qos=args.qos, fmt=args.format, restamp=args.restamp,
-                   line=args.line, stop=stop)
+                   line=args.line, stop=stop, partitions=partitions)
     except KeyboardInterrupt:
         stop.set()
         raise

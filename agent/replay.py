@@ -17,7 +17,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.decode import DecodeError, parse_ts
+from agent.decode import DecodeError, parse_ts, partition_of
 
 NOT_SENT = ("label", "fault")
 
@@ -133,15 +133,35 @@ def connect(host: str, port: int, timeout: float = 5.0, client: mqtt.Client | No
     return c
 
 
+def check_topic(topic: str, partitions: int | None = None) -> None:
+    """A publishable topic pattern: one {device}, no wildcards, {partition} exactly when ``partitions`` is given."""
+    if "{device}" not in topic or "+" in topic or "#" in topic:
+        raise ReplayError(f"--topic {topic!r} needs {{device}} and no wildcards")
+    if partitions is not None and partitions < 1:
+        raise ReplayError("--partitions must be >= 1")
+    if "{partition}" in topic and partitions is None:
+        raise ReplayError(f"topic {topic!r} has {{partition}}: give --partitions N (the agents' topics.partition.count)")
+    if partitions is not None and "{partition}" not in topic:
+        raise ReplayError(f"--partitions needs {{partition}} in the topic ({topic!r} has none)")
+
+
+def device_topic(topic: str, device: str, line: str = "line1", partitions: int | None = None) -> str:
+    """``topic`` for one device: {line}, {device}, and {partition} = crc32(device) % ``partitions``
+    (the partition whose agent subscribes to it, see topics.partition)."""
+    t = topic.replace("{line}", line).replace("{device}", device)
+    return t.replace("{partition}", str(partition_of(device, partitions))) if partitions else t
+
+
 def replay(client: mqtt.Client, series: list[Series], topic: str, rate: float = 0.0, qos: int = 1,
            fmt: str = "json", restamp: bool = False, line: str = "line1",
-           stop: threading.Event | None = None) -> int:
+           stop: threading.Event | None = None, partitions: int | None = None) -> int:
     """Publish all rows, interleaving devices row by row; ``rate`` rows/s per device (0 = flat out)."""
+    check_topic(topic, partitions)
     offsets = {}
     if restamp:  # shift each file so its first row is now, keeping the spacing
         now = time.time()
         offsets = {s.device: now - parse_ts(s.ts[0], now) for s in series}
-    topics = {s.device: topic.replace("{line}", line).replace("{device}", s.device) for s in series}
+    topics = {s.device: device_topic(topic, s.device, line, partitions) for s in series}
     n = 0
     infos = []
     start = time.monotonic()

@@ -1,11 +1,13 @@
 """edge-agent command line: help that teaches, one-line errors, check and replay against mosquitto."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -87,6 +89,9 @@ def test_bad_inputs_end_with_one_line(capsys, tmp_path, tiny):
         (["replay", "--csv", str(good_csv), "--rate", "-1"], 1, "--rate"),
         (["replay", "--csv", str(good_csv), "--topic", "x/+/t"], 1, "{device}"),
         (["replay", "--csv", str(good_csv), "--csv", str(good_csv), "--device", "d"], 1, "--device"),
+        (["replay", "--csv", str(good_csv), "--topic", "x/p{partition}/{device}"], 1, "--partitions"),
+        (["replay", "--csv", str(good_csv), "--partitions", "0"], 1, "--partitions"),
+        (["replay", "--csv", str(good_csv), "--partitions", "2"], 1, "{partition}"),
         (["replay", "--csv", str(good_csv), "--broker", "127.0.0.1:1"], 1, "cannot connect"),
         (["replay"], 2, "--csv"),
         (["replay", "--csv", str(good_csv), "--rate", "fast"], 2, "--rate"),
@@ -167,19 +172,15 @@ def test_check_fails_naming_the_model_whose_golden_outputs_do_not_match(capsys, 
     assert "Traceback" not in out
 
 
-def test_replay_publishes_csv_as_telemetry(capsys, tmp_path, broker):
-    csv = write(tmp_path, "pump-01.csv",
-                "timestamp,a,b,label,fault\n"
-                "2024-01-01T00:00:00Z,1.5,2,0,\n"
-                "2024-01-01T00:00:01Z,,3,1,bearing\n"
-                "2024-01-01T00:00:02Z,2.5,4,1,bearing\n")
-    prefix = f"rp-{uuid.uuid4().hex[:6]}"
+@contextlib.contextmanager
+def _subscribed(broker, prefix: str, n: int):
+    """Collects (topic, JSON payload) under ``prefix/#``; the event is set once ``n`` arrived."""
     got, done = [], threading.Event()
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
 
     def on_message(c, u, msg):
         got.append((msg.topic, json.loads(msg.payload)))
-        if len(got) == 6:
+        if len(got) == n:
             done.set()
 
     sub.on_message = on_message
@@ -187,9 +188,21 @@ def test_replay_publishes_csv_as_telemetry(capsys, tmp_path, broker):
     sub.subscribe(f"{prefix}/#", qos=1)
     sub.loop_start()
     try:
-        import time
-
         time.sleep(0.2)
+        yield got, done
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+
+
+def test_replay_publishes_csv_as_telemetry(capsys, tmp_path, broker):
+    csv = write(tmp_path, "pump-01.csv",
+                "timestamp,a,b,label,fault\n"
+                "2024-01-01T00:00:00Z,1.5,2,0,\n"
+                "2024-01-01T00:00:01Z,,3,1,bearing\n"
+                "2024-01-01T00:00:02Z,2.5,4,1,bearing\n")
+    prefix = f"rp-{uuid.uuid4().hex[:6]}"
+    with _subscribed(broker, prefix, 6) as (got, done):
         rc, out, err = run_cli(capsys, "replay", "--csv", str(csv), "--broker", f"{broker.host}:{broker.port}",
                                "--topic", prefix + "/{line}/{device}/telemetry", "--line", "L2")
         assert rc == 0, err
@@ -199,10 +212,40 @@ def test_replay_publishes_csv_as_telemetry(capsys, tmp_path, broker):
         rc, out, err = run_cli(capsys, "replay", "--csv", str(csv), "--config", str(cfg), "--line", "L3")
         assert rc == 0, err
         assert done.wait(5)
-    finally:
-        sub.disconnect()
-        sub.loop_stop()
     assert {t for t, _ in got} == {f"{prefix}/L2/pump-01/telemetry", f"{prefix}/L3/pump-01/telemetry"}
     got = got[:3]
     assert got[0][1] == {"ts": "2024-01-01T00:00:00Z", "values": {"a": 1.5, "b": 2.0}}
     assert got[1][1]["values"] == {"b": 3.0}  # empty cell left out; label/fault never sent
+
+
+def test_replay_publishes_to_the_partitioned_topic_layout(capsys, tmp_path, broker):
+    """{partition} in the topic becomes crc32(device) % count, the partition the agents subscribe to
+    (count from --partitions, or from the agent config's topics.partition)."""
+    from agent.decode import partition_of
+
+    devices = [f"pump-{i:02d}" for i in range(1, 7)]
+    csvs = [str(write(tmp_path, f"{d}.csv", "timestamp,a\n1700000000,1\n")) for d in devices]
+    prefix = f"rp-{uuid.uuid4().hex[:6]}"
+    with _subscribed(broker, prefix, 3 * len(devices)) as (got, done):
+        cfg = write(tmp_path, "a.yaml", f"mqtt: {{host: {broker.host}, port: {broker.port}}}\n"
+                                         f"topics:\n  telemetry: ['{prefix}/a/p{{partition}}/+/{{device}}/telemetry']\n"
+                                         f"  partition: {{index: 0, count: 3}}\n")
+        argv = [x for c in csvs for x in ("--csv", c)]
+        rc, out, err = run_cli(capsys, "replay", *argv, "--config", str(cfg))
+        assert rc == 0, err
+        rc, out, err = run_cli(capsys, "replay", *argv, "--broker", f"{broker.host}:{broker.port}",
+                               "--topic", prefix + "/b/p{partition}/{device}", "--partitions", "2")
+        assert rc == 0, err
+        # Partitioned agents, publishers unchanged (no {partition} in the pattern): plain topics.
+        cfg = write(tmp_path, "c.yaml", f"mqtt: {{host: {broker.host}, port: {broker.port}}}\n"
+                                         f"topics:\n  telemetry: ['{prefix}/c/+/{{device}}/telemetry']\n"
+                                         f"  partition: {{index: 1, count: 3}}\n")
+        rc, out, err = run_cli(capsys, "replay", *argv, "--config", str(cfg))
+        assert rc == 0, err
+        assert done.wait(5), got
+    got = [t for t, _ in got]
+    want = {f"{prefix}/a/p{partition_of(d, 3)}/line1/{d}/telemetry" for d in devices}
+    want |= {f"{prefix}/b/p{partition_of(d, 2)}/{d}" for d in devices}
+    want |= {f"{prefix}/c/line1/{d}/telemetry" for d in devices}
+    assert set(got) == want
+    assert len({t.split("/")[2] for t in got if t.startswith(f"{prefix}/a/")}) > 1  # the devices really are spread
