@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -44,14 +45,20 @@ class Scaler(_Strict):
 class ScoreSpec(_Strict):
     """How a window's reconstruction becomes one anomaly score."""
 
-    kind: Literal["vae_recon_mse", "vae_recon_norm"] = Field(
+    kind: Literal["vae_recon_mse", "vae_recon_norm", "vae_recon_mahal"] = Field(
         "vae_recon_norm",
         description="vae_recon_mse: mean squared error over the window; vae_recon_norm: per-channel "
         "squared error divided by that channel's typical error on normal data, then averaged, "
-        "so one noisy channel cannot dominate.",
+        "so one noisy channel cannot dominate; vae_recon_mahal: each row's residual vector r "
+        "whitened, r' P r / F, averaged over the tail rows (P: `precision`), so correlated "
+        "(redundant) channels count once and a broken correlation between channels counts too.",
     )
     channel_scale: list[float] | None = Field(
         None, description="Per-channel typical squared error on normal data (vae_recon_norm)."
+    )
+    precision: list[list[float]] | None = Field(
+        None, description="F x F symmetric whitening matrix of the residuals on held-out normal data "
+        "(vae_recon_mahal).",
     )
     tail: int = Field(
         1, ge=1, description="Error is taken over the last `tail` timesteps of the window "
@@ -134,6 +141,12 @@ class Manifest(_Strict):
             raise ValueError(f"scaler has {len(self.scaler.centre)} features, manifest lists {n}")
         if self.score.kind == "vae_recon_norm" and (self.score.channel_scale is None or len(self.score.channel_scale) != n):
             raise ValueError("score kind vae_recon_norm needs channel_scale with one value per feature")
+        if self.score.kind == "vae_recon_mahal":
+            p = self.score.precision
+            if p is None or len(p) != n or any(len(r) != n for r in p):
+                raise ValueError(f"score kind vae_recon_mahal needs a {n} x {n} precision matrix")
+            if not all(math.isfinite(v) for r in p for v in r):
+                raise ValueError("score precision matrix has non-finite values")
         if self.score.tail > self.window:
             raise ValueError("score tail cannot exceed the window")
         if "vae" not in self.models:

@@ -34,20 +34,33 @@ class Scorer:
         self.log = spec.transform == "log"
         cs = spec.channel_scale if spec.kind == "vae_recon_norm" else None
         self.inv_channel = None if cs is None else (1.0 / np.maximum(np.asarray(cs, np.float64), 1e-12)).astype(np.float32)
+        self.precision = np.asarray(spec.precision, np.float32) if spec.kind == "vae_recon_mahal" else None
 
     def scale(self, windows: np.ndarray) -> np.ndarray:
         xs = (np.asarray(windows, np.float32) - self.centre) * self.inv_scale
         return np.clip(xs, -CLIP, CLIP, out=xs)
 
-    def channel_errors(self, windows: np.ndarray) -> np.ndarray:
-        """Squared reconstruction error per channel over the window's tail: (B, F)."""
+    def residuals(self, windows: np.ndarray) -> np.ndarray:
+        """Reconstruction minus scaled input over the window's tail: (B, tail, F)."""
         xs = self.scale(windows)
         recon = self.backend.run(xs)[0]
-        d = recon[:, -self.tail:, :] - xs[:, -self.tail:, :]
+        return recon[:, -self.tail:, :] - xs[:, -self.tail:, :]
+
+    def channel_errors(self, windows: np.ndarray) -> np.ndarray:
+        """Squared reconstruction error per channel over the window's tail: (B, F)."""
+        d = self.residuals(windows)
         return np.mean(d * d, axis=1)
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw windows (B, W, F) → (scores (B,), per-sensor contributions (B, F))."""
+        if self.precision is not None:
+            # r' P r per row = sum over channels of r_c (P r)_c: those terms are the contributions
+            # (a negative cross-term -- a channel that explains another's error -- counts as 0).
+            d = self.residuals(windows)
+            terms = np.mean(d * (d @ self.precision), axis=1)
+            s = terms.sum(axis=1, dtype=np.float64) / terms.shape[1]
+            contrib = np.maximum(terms, 0.0, out=terms)
+            return (np.log1p(np.maximum(s, 0.0)) if self.log else s), contrib
         contrib = self.channel_errors(windows)
         if self.inv_channel is not None:
             contrib *= self.inv_channel

@@ -140,7 +140,7 @@ def run_suite(quick: bool = False, ablate: bool = True, sets: dict | None = None
     opts = bench_options()
     out: dict = {"sets": {}, "ablations": {}, "defaults": opts.model_dump(exclude={"progress", "name", "version"})}
     ablations = {
-        "smoothing=3": dict(smoothing=3), "smoothing=10": dict(smoothing=10),
+        "score=norm (diagonal)": dict(score_kind="norm"), "smoothing=3": dict(smoothing=3), "smoothing=10": dict(smoothing=10),
         "raise_after=2": dict(raise_after=2), "clear_after=3": dict(clear_after=3), "clear_after=30": dict(clear_after=30),
         "clear_ratio=0.7": dict(clear_ratio=0.7), "threshold=pot(1e-3)": dict(threshold_method="pot"),
         "margin=1": dict(margin=1.0), "margin=3": dict(margin=3.0), "quantile=0.999": dict(quantile=0.999),

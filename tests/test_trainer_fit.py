@@ -140,8 +140,9 @@ def test_fit_writes_a_valid_verified_bundle(made):
     assert {f.batch for f in m.models["vae"].files["tflite"]} == {1, 8, 64}
     assert m.models["vae"].inputs == ["x"] and m.models["vae"].outputs == ["recon"]
     assert m.models["vae"].golden == "vae_golden.npz"
-    assert m.score.kind == "vae_recon_norm" and m.score.transform == "log"
-    assert len(m.score.channel_scale) == len(m.features) == 8
+    assert m.score.kind == "vae_recon_mahal" and m.score.transform == "log"
+    p = np.asarray(m.score.precision)
+    assert p.shape == (8, 8) == (len(m.features),) * 2 and np.allclose(p, p.T) and np.linalg.eigvalsh(p).min() > 0
     assert "held-out normal calibration" in m.threshold.method and m.threshold.value > 0
     assert m.window == 8 and m.training.rows == 400 and m.training.normal_rows == 400
     assert m.sample_period_s == 1.0

@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training time limit in seconds (default {d['time_budget_s']:g})")
     m.add_argument("--tail", type=int, metavar="ROWS", help="score the error of the newest ROWS of each window "
                    "(default: the whole window)")
+    m.add_argument("--score", choices=["mahal", "norm"], default=d["score_kind"], dest="score_kind",
+                   help="window score: mahal = residuals whitened across channels (redundant sensors count once, "
+                   "broken correlations count); norm = per-channel error / its typical value, averaged "
+                   f"(default {d['score_kind']})")
     m.add_argument("--smoothing", type=int, default=d["smoothing"], metavar="N",
                    help=f"causal moving average over N scores (default {d['smoothing']})")
     m.add_argument("--quantile", type=float, default=d["quantile"],
@@ -174,7 +178,8 @@ def cmd_fit(a: argparse.Namespace) -> int:
     try:
         opts = FitOptions(
             window=a.window, stride=a.stride, epochs=a.epochs, latent=a.latent, hidden=a.hidden, seed=a.seed,
-            time_budget_s=a.time_budget, tail=a.tail, smoothing=a.smoothing, quantile=a.quantile, margin=a.margin,
+            time_budget_s=a.time_budget, tail=a.tail, score_kind=a.score_kind, smoothing=a.smoothing,
+            quantile=a.quantile, margin=a.margin,
             raise_after=a.raise_after,
             int8=not a.no_int8, name=a.name, version=a.version, progress=not a.quiet, gan_steps=a.gan_steps,
         )

@@ -68,6 +68,10 @@ class FitOptions(BaseModel):
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Normal rows before the calibration part, held out for early stopping.")
     tail: int | None = Field(None, ge=1, description="Score the error of the newest `tail` rows; None = the whole window "
                              "(bench.detection: mean F1 0.60 vs 0.50 for window // 4).")
+    score_kind: Literal["mahal", "norm"] = Field(
+        "mahal", description="mahal: each row's residual vector whitened by the residual covariance on held-out "
+        "normal windows (half full, half diagonal precision), so redundant channels count once and broken "
+        "correlations count; norm: per-channel squared error / its typical value, averaged (bench.detection).")
     # Decision defaults chosen by `python -m bench.detection` (grid over smoothing 3-20, quantile/margin vs POT,
     # raise/clear/clear_ratio; best mean pooled F1 with mean FAR <= 10 % over all scenario sets).
     smoothing: int = Field(20, ge=1, description="Causal moving average over this many scores.")
@@ -274,6 +278,29 @@ def prepare(paths: list[str | Path], opts: FitOptions, csv: CsvOptions | None = 
     return Prepared(paths, tables, features, total, window, centre, scale, x_train, x_val, cal_parts, cal_windows)
 
 
+def residual_precision(backend, x_scaled: np.ndarray, tail: int) -> np.ndarray:
+    """Whitening matrix for vae_recon_mahal from held-out normal windows (already scaled).
+
+    P = (M^-1 + diag(M)^-1) / 2, M the second-moment matrix of the per-row residual vectors.
+    The full half makes redundant channels count once and a broken correlation count; the
+    diagonal half keeps every channel heard on its own. Eigenvalues (and the diagonal) are
+    floored at 5 % of the median channel error, so no direction -- e.g. the difference of two
+    copies of one transmitter -- is more than 20x more precise than a typical channel.
+    The early-stopping windows are used, not the calibration rows, so the threshold is
+    calibrated on rows the whitening never saw.
+    """
+    r = np.concatenate([backend.run(np.ascontiguousarray(x_scaled[a:a + 512]))[0][:, -tail:, :]
+                        - x_scaled[a:a + 512, -tail:, :] for a in range(0, len(x_scaled), 512)])
+    r = r.reshape(-1, r.shape[-1]).astype(np.float64)
+    m = r.T @ r / max(1, len(r))
+    diag = np.diag(m).copy()
+    floor = max(0.05 * float(np.median(diag)), 1e-4)
+    w, v = np.linalg.eigh(m)
+    full = (v / np.maximum(w, floor)) @ v.T
+    p = 0.5 * (full + np.diag(1.0 / np.maximum(diag, floor)))
+    return 0.5 * (p + p.T)
+
+
 def calibrate(manifest: Manifest, backend, prep: Prepared, opts: FitOptions) -> tuple[Manifest, dict[str, float]]:
     """Per-channel error scale, then the threshold, both from the held-out calibration rows.
 
@@ -289,8 +316,12 @@ def calibrate(manifest: Manifest, backend, prep: Prepared, opts: FitOptions) -> 
     # Floor: no channel counts as more than 20x more precise than the typical one, so a channel
     # the VAE reproduces almost perfectly (constant, slow) cannot turn hair-trigger.
     channel_scale = np.maximum(typical, max(0.05 * float(np.median(typical)), 1e-4))
-    score = ScoreSpec(kind="vae_recon_norm", channel_scale=[float(c) for c in channel_scale], tail=tail,
-                      smoothing=opts.smoothing, transform="log")
+    if opts.score_kind == "mahal":
+        score = ScoreSpec(kind="vae_recon_mahal", precision=residual_precision(backend, prep.x_val, tail).tolist(),
+                          tail=tail, smoothing=opts.smoothing, transform="log")
+    else:
+        score = ScoreSpec(kind="vae_recon_norm", channel_scale=[float(c) for c in channel_scale], tail=tail,
+                          smoothing=opts.smoothing, transform="log")
     scored = manifest.model_copy(update={"score": score})
     scorer = Scorer(scored, backend)
     runs = [score_rows(scorer, v)["score"] for v, _ in prep.cal_parts]

@@ -1,0 +1,75 @@
+"""The window score kinds, on a real onnxruntime backend (the tiny bundle's recon = 0 graph,
+so the residual is minus the scaled window and every number can be checked by hand)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.backends import open_backend
+from agent.manifest import Manifest, ScoreSpec, load_manifest
+from agent.scoring import Scorer
+from tests.tiny_bundle import make_tiny_bundle
+from trainer.fit import residual_precision, scale_windows
+
+F, W = 3, 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = make_tiny_bundle(tmp_path_factory.mktemp("tiny"), features=("a", "b", "c"), window=W)
+    m = load_manifest(d)
+    return m, open_backend("onnxruntime", d, m)
+
+
+def _with(m: Manifest, **score) -> Manifest:
+    return m.model_copy(update={"score": ScoreSpec(**{"tail": W, "smoothing": 1, "transform": "none", **score})})
+
+
+def test_mahal_score_is_the_mean_quadratic_form_and_contributions_sum_to_it(tiny):
+    m, backend = tiny
+    p = np.array([[2.0, -0.5, 0.0], [-0.5, 1.0, 0.2], [0.0, 0.2, 0.5]])
+    x = np.random.default_rng(1).normal(size=(5, W, F)).astype(np.float32)
+    s, contrib = Scorer(_with(m, kind="vae_recon_mahal", precision=p.tolist()), backend).score(x)
+    want = np.einsum("bwi,ij,bwj->b", x.astype(np.float64), p, x.astype(np.float64)) / (W * F)
+    np.testing.assert_allclose(s, want, rtol=1e-5)
+    assert contrib.shape == (5, F) and (contrib >= 0).all()
+    terms = np.einsum("bwi,ij,bwj->bi", x.astype(np.float64), p, x.astype(np.float64)) / W
+    np.testing.assert_allclose(contrib, np.maximum(terms, 0), rtol=1e-4, atol=1e-6)
+
+
+def test_mahal_with_identity_precision_equals_plain_mse(tiny):
+    m, backend = tiny
+    x = np.random.default_rng(2).normal(size=(7, W, F)).astype(np.float32)
+    a, _ = Scorer(_with(m, kind="vae_recon_mahal", precision=np.eye(F).tolist()), backend).score(x)
+    b, _ = Scorer(_with(m, kind="vae_recon_mse"), backend).score(x)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_manifest_refuses_a_missing_or_misshapen_precision(tiny):
+    m, _ = tiny
+    data = m.model_dump()
+    for bad in (None, [[1.0, 0.0], [0.0, 1.0]], [[float("nan")] * F] * F):
+        data["score"] = {"kind": "vae_recon_mahal", "precision": bad, "tail": 1}
+        with pytest.raises(ValueError, match="precision"):
+            Manifest.model_validate(data)
+
+
+def test_broken_correlation_between_redundant_sensors_stands_out_only_when_whitened(tiny):
+    """Two transmitters of one quantity (a, b) and an independent sensor c. A fault where a and b
+    disagree -- each still inside its normal range -- is what the whitened score is for."""
+    m, backend = tiny
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(400, 1))
+    normal = np.concatenate([q, q + 0.05 * rng.normal(size=(400, 1)), rng.normal(size=(400, 1))], axis=1)
+    wins = np.lib.stride_tricks.sliding_window_view(normal, W, axis=0).transpose(0, 2, 1).astype(np.float32)
+    p = residual_precision(backend, scale_windows(wins, np.zeros(F), np.ones(F)), W)
+    assert np.allclose(p, p.T) and np.all(np.linalg.eigvalsh(p) > 0)
+    fault = np.tile(np.array([[0.8, -0.8, 0.0]], np.float32), (1, W, 1))  # a and b split, within 1 sd
+
+    def ratio(manifest):
+        sc = Scorer(manifest, backend)
+        return float(sc.score(fault)[0][0] / np.quantile(sc.score(wins)[0], 0.99))
+
+    whitened = ratio(_with(m, kind="vae_recon_mahal", precision=p.tolist()))
+    per_channel = ratio(_with(m, kind="vae_recon_norm", channel_scale=[1.0] * F))
+    assert per_channel < 1.0 < 2.0 < whitened, (per_channel, whitened)
