@@ -3,7 +3,7 @@
     load CSVs → robust scaler → split normal rows BY TIME per file
     [ train | val (early stopping) | calibration (never trained on) ]
     → VAE on scaled sliding windows → export ONNX + TFLite + golden vectors
-    → per-channel error scale and threshold from the calibration rows, scored by the
+    → residual whitening from the val windows, threshold from the calibration rows, scored by the
       agent's own Scorer/score_rows through onnxruntime → manifest → reload and verify.
 
 Labels (when given) only remove anomalous rows from training and calibration; the threshold
@@ -302,24 +302,27 @@ def residual_precision(backend, x_scaled: np.ndarray, tail: int) -> np.ndarray:
 
 
 def calibrate(manifest: Manifest, backend, prep: Prepared, opts: FitOptions) -> tuple[Manifest, dict[str, float]]:
-    """Per-channel error scale, then the threshold, both from the held-out calibration rows.
+    """The score's normaliser, then the threshold from the held-out calibration rows.
+
+    mahal: the residual whitening comes from the early-stopping windows (never trained on, and
+    not the calibration rows, so the threshold is set on rows the whitening did not see);
+    norm: the per-channel error scale comes from the calibration windows.
 
     Scored through the agent's Scorer/score_rows on ``backend``, so they are the gateway's numbers.
     """
     tail = min(opts.tail or prep.window, prep.window)
-    plain = manifest.model_copy(update={"score": ScoreSpec(kind="vae_recon_mse", tail=tail, smoothing=opts.smoothing,
-                                                           transform="log")})
-    sc = Scorer(plain, backend)
-    w = prep.cal_windows
-    errs = np.concatenate([sc.channel_errors(w[a:a + 512]) for a in range(0, len(w), 512)])
-    typical = errs.mean(axis=0)
-    # Floor: no channel counts as more than 20x more precise than the typical one, so a channel
-    # the VAE reproduces almost perfectly (constant, slow) cannot turn hair-trigger.
-    channel_scale = np.maximum(typical, max(0.05 * float(np.median(typical)), 1e-4))
     if opts.score_kind == "mahal":
         score = ScoreSpec(kind="vae_recon_mahal", precision=residual_precision(backend, prep.x_val, tail).tolist(),
                           tail=tail, smoothing=opts.smoothing, transform="log")
     else:
+        plain = manifest.model_copy(update={"score": ScoreSpec(kind="vae_recon_mse", tail=tail,
+                                                               smoothing=opts.smoothing, transform="log")})
+        sc = Scorer(plain, backend)
+        w = prep.cal_windows
+        typical = np.concatenate([sc.channel_errors(w[a:a + 512]) for a in range(0, len(w), 512)]).mean(axis=0)
+        # Floor: no channel counts as more than 20x more precise than the typical one, so a channel
+        # the VAE reproduces almost perfectly (constant, slow) cannot turn hair-trigger.
+        channel_scale = np.maximum(typical, max(0.05 * float(np.median(typical)), 1e-4))
         score = ScoreSpec(kind="vae_recon_norm", channel_scale=[float(c) for c in channel_scale], tail=tail,
                           smoothing=opts.smoothing, transform="log")
     scored = manifest.model_copy(update={"score": score})
