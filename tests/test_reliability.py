@@ -208,6 +208,58 @@ def test_a_failed_checkpoint_is_counted_and_telemetry_still_acknowledged(tmp_pat
     assert max(acked) == 12  # monitoring goes on: the broker is never held back by a broken disk
 
 
+def test_a_checkpoint_is_encoded_off_the_pipeline_thread_and_holds_the_state_it_was_taken_at(tmp_path, bundle, monkeypatch):
+    """The pipeline thread only copies the changed devices; JSON encoding, the write and the
+    acknowledgements run on the writer thread, and what lands is the state at checkpoint() time
+    even if the pipeline has moved on before the writer got to it."""
+    import agent.checkpoint as ckmod
+
+    acked: list[int] = []
+    node = Node(bundle, "per_sensor", tmp_path / "s", [], acked)
+    msgs = _messages("per_sensor", {"d0": _stream(1, 20), "d1": _stream(2, 20)})
+    node.feed(msgs, 1, 34)  # checkpoints every 5 messages: the last one holds token 30
+    node.ck.wait()
+    assert node.ck._saved_progress == 30
+    node.ck.batch, node.ck.interval = 10**9, 1e9  # no more checkpoints but ours
+    threads = set()
+    real_encode = ckmod.encode_snapshot
+    monkeypatch.setattr(ckmod, "encode_snapshot", lambda snap: threads.add(threading.current_thread().name) or real_encode(snap))
+    gate, real_save = threading.Event(), node.store.save
+    progress_seen_by_ack = []
+
+    def ack(token):
+        if threading.current_thread().name == "checkpoint":
+            progress_seen_by_ack.append((token, node.ck._saved_progress))
+        acked.append(token)
+    node.ck.ack = ack
+
+    def slow_save(*a, **kw):
+        assert gate.wait(10)
+        return real_save(*a, **kw)
+    node.store.save = slow_save
+    want = {n: (d.last_ts, d.stream.rows, d.stream.window.view().copy()) for n, d in node.p.devices.items()}
+    want_pending = {n: (p[0], p[1].copy()) for n, p in node.p.assembler._pending.items()}
+    node.ck.checkpoint()  # returns before the write
+    assert threads <= {"checkpoint"}
+    node.feed(msgs, 34, len(msgs) + 1)  # the pipeline moves on (rows, windows, half-assembled rows change)
+    assert any(node.p.devices[n].stream.rows != want[n][1] for n in want)
+    gate.set()
+    node.ck.wait()
+    node.store.save = real_save
+    assert threads == {"checkpoint"}
+    # the acknowledgements ran before the new progress was published to tick() (which acks up to it too)
+    assert progress_seen_by_ack == [(33, 30)] and node.ck._saved_progress == 33
+    _, saved = node.store.load()
+    for name, (ts, rows, view) in want.items():
+        st, buf = saved[name]
+        assert st["ts"] == ts and st["rows"] == rows
+        w = np.frombuffer(buf, np.float32).reshape(-1, 3)
+        np.testing.assert_array_equal(w[st["head"]:st["head"] + 6], view)
+        if name in want_pending:
+            assert st["pending"][0] == want_pending[name][0]
+            np.testing.assert_array_equal(np.array(st["pending"][1], np.float32), want_pending[name][1])
+
+
 # ------------------------------------------------------------------ intake bounds
 
 def test_oversized_payloads_never_queue_and_queued_bytes_are_bounded(tmp_path, bundle):
