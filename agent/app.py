@@ -9,6 +9,7 @@ refused bundle is logged in one line and the one in service stays.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -42,6 +43,15 @@ STALE_LOOP_S = 10.0  # /healthz fails when the pipeline loop has not ticked for 
 
 # Settings a reload applies; the others need a restart (connection, topics, sizes).
 RELOADABLE = {"bundle", "backend", "threads"}
+
+
+def freeze_startup_objects() -> None:
+    """Move everything allocated so far (runtimes, bundle, config, metrics, restored devices: it
+    lives as long as the process) out of the garbage collector's sight. A full collection then
+    walks only what was allocated since, instead of pausing every thread, the pipeline's
+    included, for 25-75 ms (measured under the latency bench) to walk the whole heap again."""
+    gc.collect()
+    gc.freeze()
 
 
 class App:
@@ -183,6 +193,7 @@ class App:
 
     def start(self) -> "App":
         self._publish_bundle(self.cfg.backend)
+        freeze_startup_objects()
         if self.http is not None:
             self.http.start()
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.http.port)
