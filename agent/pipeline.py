@@ -2,8 +2,9 @@
 scoring → alert decisions → alert sink.
 
 Windows that fall due on any device are copied into one preallocated (max_batch, W, F)
-array and scored with ONE ``Scorer.score`` call when the batch is full or its oldest
-window has waited ``max_latency_ms``. Decisions then run per device in arrival order
+array and scored with ONE ``Scorer.score`` call when the batch is full or the message
+behind its oldest window arrived ``max_latency_ms`` ago (time spent queued counts: messages
+that arrive while a batch waits for its deadline join it and are scored at that deadline). Decisions then run per device in arrival order
 through ``DeviceStream.decide`` — the same pieces ``score_rows`` uses offline, so the
 gateway decides exactly what ``edge-trainer score`` decides for the same stream.
 
@@ -42,7 +43,7 @@ DeadLetter = Callable[[str, bytes, str], None]
 
 
 TOPIC_CACHE = 65_536  # topic -> device lookups remembered (a regex match costs ~1 us per message)
-CHUNK = 256  # messages taken from the hand-off at once
+CHUNK = 64  # messages taken from the hand-off at once (a batch deadline is checked after each chunk)
 
 
 class Handoff:
@@ -58,10 +59,17 @@ class Handoff:
     wedged pipeline must not wedge the connection.
     """
 
-    def __init__(self, maxsize: int, max_bytes: int = 1 << 62, full_wait: float = 1.0):
+    def __init__(self, maxsize: int, max_bytes: int = 1 << 62, full_wait: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.maxsize = maxsize
         self.max_bytes = max_bytes
         self.full_wait = full_wait
+        self._clock = clock
+        # When the oldest queued item arrived (stamped as the queue turns non-empty), and for the
+        # items the last take() returned: the consumer's batch deadlines count from arrival, not
+        # from when it got round to the items.
+        self.since = clock()
+        self.taken_since = self.since
         self._q: deque = deque()  # (topic, payload, recv_time, token)
         self._ready = threading.Event()  # set once wake_at items wait (cleared only by the waiting consumer)
         self._wake_at = 1
@@ -85,7 +93,10 @@ class Handoff:
         self.bytes_in += len(item[1])
         q = self._q
         q.append(item)
-        if len(q) >= self._wake_at and not self._ready.is_set():
+        k = len(q)
+        if k == 1:
+            self.since = self._clock()
+        if k >= self._wake_at and not self._ready.is_set():
             self._ready.set()
         return True
 
@@ -94,7 +105,10 @@ class Handoff:
         n = min(len(q), limit)
         if not n:
             return []
+        self.taken_since = self.since
         out = [q.popleft() for _ in range(n)]
+        if q:  # the rest arrived after taken_since, but when is not known: counted from now
+            self.since = self._clock()
         self.bytes_out += sum(len(item[1]) for item in out)
         if not self._room.is_set():
             self._room.set()
@@ -164,7 +178,7 @@ class Pipeline:
         self.dead_letter = dead_letter
         self.clock = clock
         self.now = now
-        self.queue = Handoff(cfg.queue.max_messages, cfg.queue.max_bytes, cfg.queue.full_wait_ms / 1000.0)
+        self.queue = Handoff(cfg.queue.max_messages, cfg.queue.max_bytes, cfg.queue.full_wait_ms / 1000.0, clock)
         part = cfg.topics.partition
         self.partition = (part.index, part.count) if part is not None else None
         # {partition} becomes our index, so we subscribe to (and match) our own partition only.
@@ -182,6 +196,7 @@ class Pipeline:
         self._recv = np.zeros(self.max_batch)  # receive time of each window's message (latency metric)
         self._n = 0
         self._deadline = 0.0
+        self._arrived: float | None = None  # while step() handles a chunk: when its oldest message arrived
         self.last_tick = clock()
         self._warned: dict[str, float] = {}
         self._ok = metrics.messages.labels("ok")  # cached child: labels() costs on every message
@@ -294,8 +309,11 @@ class Pipeline:
         self._meta[i] = (device, dev, ts)
         self._recv[i] = recv_time
         self._n = i + 1
-        if i == 0:
-            self._deadline = self.clock() + self.max_latency
+        if i == 0:  # the batch's oldest window: its wait counts from its message's arrival in the queue
+            t = self.clock()
+            if self._arrived is not None and self._arrived < t:
+                t = self._arrived
+            self._deadline = t + self.max_latency
         if self._n >= self.max_batch:
             self.flush()
 
@@ -421,11 +439,18 @@ class Pipeline:
         while n < max_items:
             items = q.take(min(CHUNK, max_items - n))
             if items:
-                for item in items:
-                    handle(*item)
-                    if self._n and clock() >= self._deadline:
-                        self.flush()
+                # What is in hand joins the pending batch (a full batch is scored on the spot); the
+                # deadline is checked after the chunk. Items that queued up while we waited for a
+                # batch's deadline are thus scored with it, at that deadline, not one deadline later.
+                self._arrived = q.taken_since
+                try:
+                    for item in items:
+                        handle(*item)
+                finally:
+                    self._arrived = None
                 n += len(items)
+                if self._n and clock() >= self._deadline:
+                    self.flush()
                 continue
             if self._n:
                 timeout = self._deadline - clock()

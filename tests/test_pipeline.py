@@ -312,3 +312,34 @@ class _Peek:
 
     def count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+
+def test_batch_deadline_counts_from_arrival_and_late_arrivals_ride_along(bundle):
+    """max_latency_ms bounds a window's wait from its message's ARRIVAL: time queued counts, and
+    messages that queue up while a batch waits for its deadline are scored with it, at that
+    deadline (not in a new batch with a deadline of its own, one max_latency later)."""
+    r = Rig(bundle, batching={"max_batch": 64, "max_latency_ms": 5})
+    flushed_at = []
+    run = r.backend.run
+    r.backend.run = lambda *a: flushed_at.append(r.clock.t) or run(*a)
+    q = r.p.queue
+    arrivals = []  # (clock, device) messages to arrive during the next wait
+
+    def wait(timeout, wake_at=1):  # simulated time: what arrives during the wait, then the wake-up
+        for t, dev in arrivals:
+            r.clock.t = t
+            r.p.submit(f"factory/l1/{dev}/telemetry", body(dev), T0)
+        arrivals.clear()
+        r.clock.t = max(r.clock.t, start + timeout if r.p._n else r.clock.t)
+        return bool(q._q)
+    q.wait = wait
+    body = lambda dev: json.dumps({"ts": T0, "values": {"a": 0, "b": 0, "c": 0}}).encode()  # noqa: E731
+
+    start = r.clock.t = 100.0
+    r.p.submit("factory/l1/p0/telemetry", body("p0"), T0)  # arrives at 100.000
+    r.clock.t = 100.004  # the pipeline gets to it 4 ms later (busy elsewhere)
+    start = 100.004
+    arrivals[:] = [(100.0045, "p1"), (100.0047, "p2"), (100.0049, "p3")]
+    assert r.p.step(idle_wait=0) == 4
+    assert r.backend.sizes == [4]  # one batch: the three late arrivals rode along
+    assert flushed_at == [pytest.approx(100.005)]  # 5 ms after p0 ARRIVED, not after it was handled
