@@ -15,6 +15,8 @@ rare (one per state change per device). ``backlog()`` is exported as a metric to
 survives a power cut (gateways lose power; NORMAL could lose the newest commits). The
 alerts decided in one micro-batch are written in one transaction (``put_many``: one fsync
 per batch, not per alert), so an alert storm does not cost a disk flush per alert.
+Acknowledging and purging are not fsynced: a power cut may undo them, which costs a repeat
+of an alert that was already delivered (at-least-once), never a loss.
 """
 from __future__ import annotations
 
@@ -106,13 +108,24 @@ class Outbox:
                 raise
             return seqs
 
+    def _write_lazily(self, sql: str, args: tuple) -> None:
+        """A write that a power cut may undo at no cost but a repeat (delivery is at-least-once and
+        consumers de-duplicate on the id): committed without an fsync. Caller holds the lock."""
+        db = self._db
+        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            db.execute(sql, args)
+        finally:
+            db.execute("PRAGMA synchronous=FULL")
+
     def ack(self, seq: int, linger: bool = False) -> None:
-        """The broker acknowledged it: delete it, or keep it lingering (see the module doc)."""
+        """The broker acknowledged it: delete it, or keep it lingering (see the module doc).
+        Not fsynced: it runs on the network thread, and losing it costs one repeat after a power cut."""
         with self._lock:
             if linger:
-                self._db.execute("UPDATE outbox SET acked = ? WHERE seq = ?", (time.time(), seq))
+                self._write_lazily("UPDATE outbox SET acked = ? WHERE seq = ?", (time.time(), seq))
             else:
-                self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+                self._write_lazily("DELETE FROM outbox WHERE seq = ?", (seq,))
 
     def pending(self) -> list[Entry]:
         """Every alert still here (unacknowledged or lingering), oldest first; all count as unacknowledged again."""
@@ -132,9 +145,9 @@ class Outbox:
 
     def purge(self, acked_before: float, created_before: float = float("-inf")) -> None:
         """Forget acknowledged alerts acknowledged, or raised, before these times (epoch seconds)."""
-        with self._lock:
-            self._db.execute("DELETE FROM outbox WHERE acked IS NOT NULL AND (acked < ? OR created < ?)",
-                             (acked_before, created_before))
+        with self._lock:  # not fsynced either (see ack)
+            self._write_lazily("DELETE FROM outbox WHERE acked IS NOT NULL AND (acked < ? OR created < ?)",
+                               (acked_before, created_before))
 
     def get(self, seq: int) -> Entry | None:
         """One unacknowledged alert, or None once it was acknowledged."""

@@ -71,10 +71,16 @@ class _Commits:
 
     def __init__(self, db):
         self.n, self._in_tx = 0, False
+        self.level, self.levels = "FULL", []  # synchronous setting at each commit
         db.set_trace_callback(self._trace)
 
     def _trace(self, sql: str) -> None:
         s = sql.lstrip().upper()
+        if s.startswith("PRAGMA SYNCHRONOUS="):
+            self.level = s.split("=")[1].strip()
+            return
+        if s.startswith(("COMMIT", "END")) or (s.startswith(("INSERT", "UPDATE", "DELETE", "REPLACE")) and not self._in_tx):
+            self.levels.append(self.level)
         if s.startswith("BEGIN"):
             self._in_tx = True
         elif s.startswith(("COMMIT", "END")):
@@ -106,4 +112,19 @@ def test_put_many_is_all_or_nothing(tmp_path):
         ob.put_many([("a", b"1", None), (None, b"2", None)])  # topic NOT NULL: the second insert fails
     assert ob.backlog() == 0
     assert ob.put_many([("a", b"1", None)]) and ob.backlog() == 1  # the connection is usable afterwards
+    ob.close()
+
+
+def test_put_is_fsynced_ack_and_purge_are_not(tmp_path):
+    """Persisting an alert is a FULL (fsynced) commit; acknowledging or purging one, which a power
+    cut may undo at the cost of one repeat, is not (it runs on the network thread)."""
+    ob = Outbox(tmp_path / "o.sqlite")
+    commits = _Commits(ob._db)
+    a, b = ob.put_many([("t", b"1", None), ("t", b"2", None)])
+    ob.ack(a)
+    ob.ack(b, linger=True)
+    ob.purge(acked_before=1e18)
+    assert commits.levels == ["FULL", "NORMAL", "NORMAL", "NORMAL"]
+    assert ob._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # and the connection is FULL again
+    assert ob.backlog() == 0 and ob.pending() == []
     ob.close()
