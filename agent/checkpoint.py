@@ -212,8 +212,10 @@ class Checkpointer:
         self._unacked += handled
         if self._unacked >= self.batch or (self._unacked and self.clock() - self._last >= self.interval):
             self.checkpoint()
-        elif self.ack is not None:
-            self.ack(self._saved_progress)  # messages dropped at intake after the last checkpoint
+        elif self.ack is not None and not self._jobs.unfinished_tasks:
+            # messages dropped at intake after the last checkpoint; while a write is under way its
+            # own acknowledgements will take them (no contention for the link's ack lock here)
+            self.ack(self._saved_progress)
 
     def checkpoint(self, wait: bool = False) -> None:
         """Snapshot the changed devices now; write and acknowledge on the writer thread (``wait``: and

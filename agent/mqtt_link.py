@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -41,6 +42,9 @@ from agent.mqtt_security import describe_connect_error, describe_early_close, de
 from agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
+
+PUBACK = 0x40  # MQTT control packet type (3.1.1 and 5): fixed header of a PUBACK
+_PUBACK = struct.Struct("!BBH")  # type, remaining length 2, packet id: success, no properties (valid in MQTT 5)
 
 # (topic, payload, receive epoch seconds[, token with manual acks]) -> False if not queued
 OnMessage = Callable[..., object]
@@ -298,17 +302,33 @@ class MqttLink:
         acks, more = self._acks, True
         while more:  # in chunks: the network thread needs the lock on a reconnect, not for long
             with self._ack_lock:  # held while calling paho: a reconnect cannot slip a stale mid in
+                mids = []
                 for _ in range(256):
                     if not (acks and (acks[0][0] <= token or acks[0][3])):
                         more = False
                         break
                     _, mid, qos, _, conn = acks.popleft()
                     if conn == self._conn:
-                        self.client.ack(mid, qos)
+                        mids.append((mid, qos))
+                if mids:
+                    self._send_acks(mids)
         now = time.monotonic()
         if self.linger and now - self._last_purge >= 1.0:  # called every loop pass: housekeeping too
             self._last_purge = now
             self._purge()
+
+    def _send_acks(self, mids: list[tuple[int, int]]) -> None:
+        """Acknowledge received messages, in order. The PUBACKs of a chunk (QoS 1: what telemetry
+        is) go to paho as ONE queued write, the very bytes ``client.ack(mid, 1)`` would queue one
+        by one: paho sends each queued packet with its own send() and wakes its network thread
+        for each, so thousands of acknowledgements after a checkpoint held that thread (and the
+        telemetry behind it) for tens of ms. Anything else goes through ``client.ack``."""
+        queue = getattr(self.client, "_packet_queue", None)
+        if queue is None or any(qos != 1 for _, qos in mids):
+            for mid, qos in mids:
+                self.client.ack(mid, qos)
+            return
+        queue(PUBACK, b"".join([_PUBACK.pack(PUBACK, 2, mid) for mid, _ in mids]), 0, 0)
 
     def _update_backlog(self) -> None:
         if self.outbox is not None:

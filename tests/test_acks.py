@@ -1,0 +1,60 @@
+"""Manual acknowledgements: the PUBACKs a checkpoint releases go out as few writes, in order."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.config import load_config
+from agent.metrics import Metrics
+from agent.mqtt_link import MqttLink
+from tiny_bundle import make_tiny_bundle
+
+
+def _link(tmp_path, protocol: str) -> MqttLink:
+    cfg = load_config(agent_id="gw", bundle=str(make_tiny_bundle(tmp_path / "b")), mqtt={"protocol": protocol})
+    return MqttLink(cfg, lambda *a: True, Metrics(), manual_ack=True)
+
+
+def _receive(link: MqttLink, mids: list[int], qos: int = 1) -> None:
+    for mid in mids:
+        link._cb_message(link.client, None, SimpleNamespace(topic="t", payload=b"{}", mid=mid, qos=qos))
+
+
+def _bytes_of_one_by_one_acks(protocol: str, mids: list[int], qos: int = 1) -> bytes:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
+    c.manual_ack_set(True)
+    for mid in mids:
+        c.ack(mid, qos)
+    return b"".join(bytes(p["packet"]) for p in c._out_packet)
+
+
+def test_a_chunk_of_pubacks_is_one_write_with_the_bytes_paho_would_send_one_by_one(tmp_path):
+    for protocol in ("5", "3.1.1"):
+        link = _link(tmp_path / protocol, protocol)
+        mids = [1, 2, 300, 65535, 7]
+        _receive(link, mids)
+        link.ack_through(3)  # tokens 1..3: the first three messages
+        out = list(link.client._out_packet)
+        assert len(out) == 1 and bytes(out[0]["packet"]) == _bytes_of_one_by_one_acks(protocol, [1, 2, 300])
+        link.ack_through(5)
+        assert bytes(link.client._out_packet[1]["packet"]) == _bytes_of_one_by_one_acks(protocol, [65535, 7])
+        link.ack_through(5)
+        assert len(link.client._out_packet) == 2  # nothing acknowledged twice
+
+
+def test_qos2_telemetry_still_goes_through_client_ack(tmp_path):
+    link = _link(tmp_path, "5")
+    _receive(link, [10, 11], qos=2)
+    link.ack_through(2)
+    assert b"".join(bytes(p["packet"]) for p in link.client._out_packet) == _bytes_of_one_by_one_acks("5", [10, 11], 2)
+
+
+def test_mids_of_a_lost_connection_are_never_acknowledged(tmp_path):
+    link = _link(tmp_path, "5")
+    _receive(link, [1, 2])
+    link._conn += 1  # the connection was lost: those mids mean nothing on the next one
+    _receive(link, [1])
+    link.ack_through(3)
+    assert [bytes(p["packet"]) for p in link.client._out_packet] == [_bytes_of_one_by_one_acks("5", [1])]
