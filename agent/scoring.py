@@ -35,10 +35,36 @@ class Scorer:
         cs = spec.channel_scale if spec.kind == "vae_recon_norm" else None
         self.inv_channel = None if cs is None else (1.0 / np.maximum(np.asarray(cs, np.float64), 1e-12)).astype(np.float32)
         self.precision = np.asarray(spec.precision, np.float32) if spec.kind == "vae_recon_mahal" else None
+        # Hot-path buffers (allocation only: the arithmetic and its order are the plain numpy
+        # expressions'). The model is tiny (~0.5 us per window), so numpy's per-call and
+        # broadcasting overheads on (B, W, F) arrays with F ~ 8 cost more than the model.
+        self._wf = (manifest.window, len(manifest.features))
+        self._tiles: tuple[np.ndarray, np.ndarray] | None = None  # centre, 1/scale repeated over windows
+        self._xs: np.ndarray | None = None  # scaled input of channel_errors, reused batch to batch
+        self._dt: np.ndarray | None = None  # squared residuals, (tail, B, F): time-major
 
     def scale(self, windows: np.ndarray) -> np.ndarray:
-        xs = (np.asarray(windows, np.float32) - self.centre) * self.inv_scale
+        w = np.asarray(windows, np.float32)
+        if w.ndim >= 2 and w.shape[-2:] == self._wf and w.flags.c_contiguous:
+            xs = np.empty(w.shape, np.float32)
+            self._scale_flat(w.reshape(-1), xs.reshape(-1))
+            return xs
+        xs = (w - self.centre) * self.inv_scale
         return np.clip(xs, -CLIP, CLIP, out=xs)
+
+    def _scale_flat(self, w: np.ndarray, out: np.ndarray) -> None:
+        """:meth:`scale` of whole windows, flattened: the same float32 operations, element by element,
+        as ``clip((w - centre) * inv_scale)``, on contiguous memory against constants repeated to
+        length instead of broadcast over an 8-wide last axis (one inner loop, not one per row)."""
+        k = w.size
+        t = self._tiles
+        if t is None or t[0].size < k:
+            reps = max(k, 64 * self._wf[0] * self._wf[1]) // self._wf[1]
+            t = self._tiles = (np.tile(self.centre, reps), np.tile(self.inv_scale, reps))
+        np.subtract(w, t[0][:k], out=out)
+        np.multiply(out, t[1][:k], out=out)
+        np.maximum(out, -CLIP, out=out)  # np.clip(out, -CLIP, CLIP), NaN included, without its wrapper
+        np.minimum(out, CLIP, out=out)
 
     def residuals(self, windows: np.ndarray) -> np.ndarray:
         """Reconstruction minus scaled input over the window's tail: (B, tail, F)."""
@@ -48,8 +74,30 @@ class Scorer:
 
     def channel_errors(self, windows: np.ndarray) -> np.ndarray:
         """Squared reconstruction error per channel over the window's tail: (B, F)."""
-        d = self.residuals(windows)
-        return np.mean(d * d, axis=1)
+        w = np.asarray(windows, np.float32)
+        if not (w.ndim == 3 and w.shape[1:] == self._wf and w.flags.c_contiguous and w.shape[0]):
+            d = self.residuals(windows)
+            return np.mean(d * d, axis=1)
+        # = np.mean(d * d, axis=1) of residuals(), bit for bit, without temporaries: scaled input in a
+        # reused buffer, residuals squared time-major (T, B, F) so that the sum over the tail runs
+        # over contiguous (B, F) planes -- in the same order, t = 0, 1, ... -- then divided by T the
+        # way np.mean divides.
+        n, W, F = w.shape
+        T = self.tail
+        xs, dt = self._xs, self._dt
+        if xs is None or xs.shape[0] < n:
+            m = max(n, 64)
+            xs, dt = self._xs, self._dt = np.empty((m, W, F), np.float32), np.empty((T, m, F), np.float32)
+        xs = xs[:n]
+        self._scale_flat(w.reshape(-1), xs.reshape(-1))
+        recon = self.backend.run(xs)[0]
+        d = dt[:, :n, :]
+        np.subtract(recon[:, -T:, :].transpose(1, 0, 2), xs[:, -T:, :].transpose(1, 0, 2), out=d)
+        np.multiply(d, d, out=d)
+        out = np.empty((n, F), np.float32)
+        np.add.reduce(d, axis=0, out=out)
+        np.true_divide(out, np.intp(T), out=out, casting="unsafe")
+        return out
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw windows (B, W, F) → (scores (B,), per-sensor contributions (B, F))."""
