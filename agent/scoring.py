@@ -39,7 +39,7 @@ class Scorer:
         # expressions'). The model is tiny (~0.5 us per window), so numpy's per-call and
         # broadcasting overheads on (B, W, F) arrays with F ~ 8 cost more than the model.
         self._wf = (manifest.window, len(manifest.features))
-        self._tiles: tuple[np.ndarray, np.ndarray] | None = None  # centre, 1/scale repeated over windows
+        self._tiles: tuple[np.ndarray, ...] | None = None  # centre, 1/scale, -CLIP, CLIP repeated over windows
         self._xs: np.ndarray | None = None  # scaled input of channel_errors, reused batch to batch
         self._dt: np.ndarray | None = None  # squared residuals, (tail, B, F): time-major
 
@@ -60,11 +60,12 @@ class Scorer:
         t = self._tiles
         if t is None or t[0].size < k:
             reps = max(k, 64 * self._wf[0] * self._wf[1]) // self._wf[1]
-            t = self._tiles = (np.tile(self.centre, reps), np.tile(self.inv_scale, reps))
+            t = self._tiles = (np.tile(self.centre, reps), np.tile(self.inv_scale, reps),
+                               np.full(reps * self._wf[1], -CLIP, np.float32), np.full(reps * self._wf[1], CLIP, np.float32))
         np.subtract(w, t[0][:k], out=out)
         np.multiply(out, t[1][:k], out=out)
-        np.maximum(out, -CLIP, out=out)  # np.clip(out, -CLIP, CLIP), NaN included, without its wrapper
-        np.minimum(out, CLIP, out=out)
+        np.maximum(out, t[2][:k], out=out)  # np.clip(out, -CLIP, CLIP), NaN included, without its wrapper
+        np.minimum(out, t[3][:k], out=out)  # (array bounds: a Python scalar costs more than the loop here)
 
     def residuals(self, windows: np.ndarray) -> np.ndarray:
         """Reconstruction minus scaled input over the window's tail: (B, tail, F)."""
@@ -80,8 +81,9 @@ class Scorer:
             return np.mean(d * d, axis=1)
         # = np.mean(d * d, axis=1) of residuals(), bit for bit, without temporaries: scaled input in a
         # reused buffer, residuals squared time-major (T, B, F) so that the sum over the tail runs
-        # over contiguous (B, F) planes -- in the same order, t = 0, 1, ... -- then divided by T the
-        # way np.mean divides.
+        # over contiguous (B, F) planes -- in the same order, t = 0, 1, ... -- then divided by T.
+        # np.mean divides in float64 and rounds to float32; a float32 division is that same number
+        # (float64 has more than 2 x 24 + 2 bits, so rounding twice equals rounding once).
         n, W, F = w.shape
         T = self.tail
         xs, dt = self._xs, self._dt
@@ -96,7 +98,7 @@ class Scorer:
         np.multiply(d, d, out=d)
         out = np.empty((n, F), np.float32)
         np.add.reduce(d, axis=0, out=out)
-        np.true_divide(out, np.intp(T), out=out, casting="unsafe")
+        np.true_divide(out, np.float32(T), out=out)
         return out
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
