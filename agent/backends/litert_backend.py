@@ -33,12 +33,15 @@ class _Fixed:
             raise BundleError(f"{path}: {len(ins)} inputs/{len(outs)} outputs, manifest expects {n_inputs}/{n_outputs}")
         self.inputs, self.outputs = ins, outs
         self.batch = int(self.inputs[0]["shape"][0])
+        self.in_idx = [int(d["index"]) for d in ins]
+        self.out_idx = [int(d["index"]) for d in outs]
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        for d, x in zip(self.inputs, inputs):
-            self.it.set_tensor(d["index"], x)
-        self.it.invoke()
-        return [self.it.get_tensor(d["index"]) for d in self.outputs]
+        it = self.it
+        for i, x in zip(self.in_idx, inputs):
+            it.set_tensor(i, x)
+        it.invoke()
+        return [it.get_tensor(i) for i in self.out_idx]  # copies: nothing aliases the interpreter
 
 
 def _key_pos(key: str) -> tuple[int, str]:
@@ -76,6 +79,7 @@ class LiteRTBackend:
     def __init__(self, bundle_dir: Path, entry: ModelEntry, files: list[ModelFile], threads: int = 1):
         fixed = [_Fixed(bundle_dir / f.path, threads, len(entry.inputs), len(entry.outputs)) for f in files]
         self._by_batch = sorted(fixed, key=lambda f: f.batch)
+        self._exact = {f.batch: f for f in self._by_batch}
 
     def _pick(self, n: int) -> _Fixed:
         for f in self._by_batch:
@@ -85,6 +89,9 @@ class LiteRTBackend:
 
     def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
         n = inputs[0].shape[0]
+        f = self._exact.get(n)
+        if f is not None:  # a batch of exactly one interpreter's size: no chunking, padding or copies
+            return f.run([np.ascontiguousarray(x, dtype=np.float32) for x in inputs])
         outs: list[list[np.ndarray]] = []
         start = 0
         while start < n:
@@ -98,7 +105,7 @@ class LiteRTBackend:
                     part = np.concatenate([part, pad])
                 chunk.append(np.ascontiguousarray(part))
             res = f.run(chunk)
-            outs.append([r[:take].copy() for r in res])
+            outs.append(res if take == f.batch else [r[:take].copy() for r in res])
             start += take
         if len(outs) == 1:
             return outs[0]
