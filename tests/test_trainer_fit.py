@@ -108,7 +108,7 @@ def test_robust_scaler_safe_for_constant_and_intermittent_channels():
 
 
 def test_auto_window():
-    assert auto_window([5000]) == 8 and auto_window([400, 3000]) == 8  # the default (bench.detection)
+    assert auto_window([5000]) == 4 and auto_window([400, 3000]) == 4  # the default (bench.detection)
     assert auto_window([30]) == 3 and auto_window([10]) == 2
 
 
@@ -132,6 +132,21 @@ def test_training_is_seed_deterministic_and_respects_the_time_budget():
     assert r.stopped == "time_budget" and r.seconds < 5
 
 
+def test_ensemble_reconstruction_is_the_members_mean():
+    import torch
+
+    from trainer.vae import EnsembleVAE, WindowVAE
+
+    torch.manual_seed(0)
+    members = [WindowVAE(8, 3, 32, 3).eval() for _ in range(3)]
+    ens = EnsembleVAE(members).eval()
+    x = torch.randn(5, 8, 3)
+    with torch.no_grad():
+        want = torch.stack([m(x) for m in members]).mean(0)
+        torch.testing.assert_close(ens(x), want, rtol=1e-5, atol=1e-6)
+    assert (ens.window, ens.n_features) == (8, 3)
+
+
 # ---------------------------------------------------------------- the bundle
 def test_fit_writes_a_valid_verified_bundle(made):
     m = load_manifest(made.bundle)  # hashes, schema, consistency
@@ -144,10 +159,11 @@ def test_fit_writes_a_valid_verified_bundle(made):
     p = np.asarray(m.score.precision)
     assert p.shape == (8, 8) == (len(m.features),) * 2 and np.allclose(p, p.T) and np.linalg.eigvalsh(p).min() > 0
     assert "held-out normal calibration" in m.threshold.method and m.threshold.value > 0
-    assert m.window == 8 and m.training.rows == 400 and m.training.normal_rows == 400
+    assert m.window == 4 and m.training.rows == 400 and m.training.normal_rows == 400
     assert m.sample_period_s == 1.0
     t = m.training.metrics
     assert t["calibration_rows"] > 50 and 0 <= t["calibration_false_alarm_rate"] <= 0.05
+    assert t["ensemble"] == 3  # three VAEs, one exported graph (their mean reconstruction)
     # The requirement: 400 rows x 8 channels fit (train + export + verify) in < 60 s on 2 cores.
     assert m.training.seconds < 60, m.training.seconds
     with np.load(made.bundle / "vae_golden.npz") as g:

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = {k: f.default for k, f in FitOptions.model_fields.items()}
     m.add_argument("--seed", type=int, default=d["seed"], help=f"random seed (default {d['seed']})")
-    m.add_argument("--window", type=int, metavar="ROWS", help="rows per window (default: 8, shorter for short data)")
+    m.add_argument("--window", type=int, metavar="ROWS", help="rows per window (default: 4, shorter for short data)")
     m.add_argument("--stride", type=int, default=d["stride"], metavar="ROWS",
                    help=f"rows between scored windows (default {d['stride']})")
     m.add_argument("--epochs", type=int, default=d["epochs"], help=f"maximum epochs (default {d['epochs']}; early stopping)")
@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training time limit in seconds (default {d['time_budget_s']:g})")
     m.add_argument("--tail", type=int, metavar="ROWS", help="score the error of the newest ROWS of each window "
                    "(default: the whole window)")
+    m.add_argument("--ensemble", type=int, default=d["ensemble"], metavar="N",
+                   help=f"VAEs trained from consecutive seeds, their reconstructions averaged in one exported graph "
+                   f"(default {d['ensemble']})")
     m.add_argument("--score", choices=["mahal", "norm"], default=d["score_kind"], dest="score_kind",
                    help="window score: mahal = residuals whitened across channels (redundant sensors count once, "
                    "broken correlations count); norm = per-channel error / its typical value, averaged "
@@ -178,7 +181,8 @@ def cmd_fit(a: argparse.Namespace) -> int:
     try:
         opts = FitOptions(
             window=a.window, stride=a.stride, epochs=a.epochs, latent=a.latent, hidden=a.hidden, seed=a.seed,
-            time_budget_s=a.time_budget, tail=a.tail, score_kind=a.score_kind, smoothing=a.smoothing,
+            time_budget_s=a.time_budget, tail=a.tail, ensemble=a.ensemble, score_kind=a.score_kind,
+            smoothing=a.smoothing,
             quantile=a.quantile, margin=a.margin,
             raise_after=a.raise_after,
             int8=not a.no_int8, name=a.name, version=a.version, progress=not a.quiet, gan_steps=a.gan_steps,
