@@ -129,6 +129,11 @@ class MqttLink:
         self._last_rx = 0.0  # when the broker last sent us anything: it was alive then
         self._last_purge = 0.0
         self._timers: set[threading.Timer] = set()
+        # Outbox seqs the broker acknowledged: applied to the outbox by the "outbox" thread, so the
+        # network thread never waits for the outbox (whose lock the pipeline holds through a commit's fsync).
+        self._done: collections.deque[int] = collections.deque()
+        self._done_evt = threading.Event()
+        self._outbox_thread: threading.Thread | None = None
         c = self.client = make_client(cfg, cfg.client_id, persistent=True)
         c.manual_ack_set(manual_ack)
         c.suppress_exceptions = True  # a bug in a callback must not kill the network thread
@@ -166,6 +171,8 @@ class MqttLink:
             for e in pending:
                 self._publish_alert(e.seq, e.topic, e.payload, e.state_topic, None)
             self._update_backlog()
+            self._outbox_thread = threading.Thread(target=self._outbox_loop, name="outbox", daemon=True)
+            self._outbox_thread.start()
         m = self.cfg.mqtt
         log.info("connecting to mqtt://%s:%d as %s (MQTT %s)", m.host, m.port, self.cfg.client_id, m.protocol)
         rmax = receive_maximum(self.cfg) if self.manual_ack else None
@@ -200,6 +207,10 @@ class MqttLink:
         self.client.disconnect()
         self.client.loop_stop()
         self._set_connected(False)
+        if self._outbox_thread is not None:
+            self._done_evt.set()
+            self._outbox_thread.join(timeout)
+        self._apply_acks()  # whatever the broker acknowledged last
 
     # ------------------------------------------------------------ publishing
 
@@ -262,12 +273,33 @@ class MqttLink:
             return
         self._retries.pop(seq, None)
         if self.outbox is not None:
-            self.outbox.ack(seq, linger=self.linger > 0)
-            if self.linger:
-                self._purge()
-            self._update_backlog()
+            self._done.append(seq)
+            if self._outbox_thread is not None:
+                self._done_evt.set()
+            else:  # not started (tests driving the link directly): apply at once
+                self._apply_acks()
         if t0 is not None:
             self.metrics.latency.labels("published").observe(max(0.0, time.time() - t0))
+
+    def _outbox_loop(self) -> None:
+        while not self._stopping:
+            self._done_evt.wait(1.0)
+            self._done_evt.clear()
+            try:
+                self._apply_acks()
+            except Exception:  # the outbox is closed (stopping) or the disk failed: the alert is sent again later
+                log.exception("cannot record acknowledged alerts in the outbox")
+
+    def _apply_acks(self) -> None:
+        """Record what the broker acknowledged (one transaction), then housekeeping and the metric."""
+        done = self._done
+        seqs = [done.popleft() for _ in range(len(done))]
+        if not seqs or self.outbox is None:
+            return
+        self.outbox.ack_many(seqs, linger=self.linger > 0)
+        if self.linger:
+            self._purge()
+        self._update_backlog()
 
     def _purge(self) -> None:
         # An alert stops lingering once the broker was heard from ``linger`` seconds after its

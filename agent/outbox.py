@@ -143,6 +143,28 @@ class Outbox:
                 self._db.execute("UPDATE outbox SET acked = NULL WHERE acked IS NOT NULL")
         return [Entry(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
 
+    def ack_many(self, seqs: list[int], linger: bool = False) -> None:
+        """:meth:`ack` for several alerts, in one transaction (not fsynced either)."""
+        if not seqs:
+            return
+        with self._lock:
+            db = self._db
+            db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    if linger:
+                        now = time.time()
+                        db.executemany("UPDATE outbox SET acked = ? WHERE seq = ?", [(now, s) for s in seqs])
+                    else:
+                        db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            finally:
+                db.execute("PRAGMA synchronous=FULL")
+
     def purge(self, acked_before: float, created_before: float = float("-inf")) -> None:
         """Forget acknowledged alerts acknowledged, or raised, before these times (epoch seconds)."""
         with self._lock:  # not fsynced either (see ack)

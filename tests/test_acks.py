@@ -58,3 +58,35 @@ def test_mids_of_a_lost_connection_are_never_acknowledged(tmp_path):
     _receive(link, [1])
     link.ack_through(3)
     assert [bytes(p["packet"]) for p in link.client._out_packet] == [_bytes_of_one_by_one_acks("5", [1])]
+
+
+def test_a_puback_never_waits_for_the_outbox(tmp_path):
+    """The network thread records an alert's PUBACK without touching the outbox, whose lock the
+    pipeline holds through a commit's fsync; the "outbox" thread applies it right after."""
+    import threading
+    import time
+
+    from agent.outbox import Outbox
+
+    cfg = load_config(agent_id="gw", bundle=str(make_tiny_bundle(tmp_path / "b")), mqtt={"alert_linger_s": 0})
+    outbox = Outbox(tmp_path / "o.sqlite")
+    link = MqttLink(cfg, lambda *a: True, Metrics(), outbox, manual_ack=True)
+    link._outbox_thread = threading.Thread(target=link._outbox_loop, name="outbox", daemon=True)
+    link._outbox_thread.start()
+    a, b = outbox.put_many([("t/a", b"1", None), ("t/b", b"2", None)])
+    with outbox._lock:  # the pipeline thread, in the middle of a group commit
+        t = time.monotonic()
+        link._acked(a, None, True)  # on the network thread: a PUBACK
+        assert time.monotonic() - t < 0.2
+        assert outbox._db.execute("SELECT count(*) FROM outbox").fetchone()[0] == 2  # not applied yet
+    deadline = time.monotonic() + 5
+    while outbox.backlog() != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [e.seq for e in outbox.pending()] == [b]
+    link._acked(b, None, True)
+    link._stopping = True
+    link._done_evt.set()
+    link._outbox_thread.join(5)
+    link._apply_acks()  # what stop() does after the thread ended
+    assert outbox.backlog() == 0
+    outbox.close()
