@@ -22,7 +22,9 @@ CLIP = 20.0
 
 
 class Scorer:
-    """Stateless batch scoring of raw windows through one backend."""
+    """Stateless batch scoring of raw windows through one backend. One thread at a time per
+    instance (as for a LiteRT interpreter): the hot path reuses its buffers between calls;
+    results are always fresh arrays."""
 
     def __init__(self, manifest: Manifest, backend: Backend):
         self.manifest = manifest
