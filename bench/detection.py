@@ -136,7 +136,7 @@ def run_suite(quick: bool = False, ablate: bool = True, sets: dict | None = None
         "raise_after=2": dict(raise_after=2), "clear_after=3": dict(clear_after=3), "clear_after=30": dict(clear_after=30),
         "clear_ratio=0.7": dict(clear_ratio=0.7), "threshold=pot(1e-3)": dict(threshold_method="pot"),
         "margin=1": dict(margin=1.0), "margin=3": dict(margin=3.0), "quantile=0.999": dict(quantile=0.999),
-        "tail=window//2": dict(tail=-2), "window=8 (retrained)": dict(window=8),
+        "tail=window//4": dict(tail=-4), "window=4 (retrained)": dict(window=4),
     } if ablate else {}
     abl_results: dict[str, dict[str, list]] = {k: {} for k in ablations}
     with tempfile.TemporaryDirectory() as tmp:

@@ -108,7 +108,7 @@ def test_robust_scaler_safe_for_constant_and_intermittent_channels():
 
 
 def test_auto_window():
-    assert auto_window([5000]) == 4 and auto_window([400, 3000]) == 4  # the default (bench.detection)
+    assert auto_window([5000]) == 8 and auto_window([400, 3000]) == 8  # the default (bench.detection)
     assert auto_window([30]) == 3 and auto_window([10]) == 2
 
 
@@ -159,7 +159,7 @@ def test_fit_writes_a_valid_verified_bundle(made):
     p = np.asarray(m.score.precision)
     assert p.shape == (8, 8) == (len(m.features),) * 2 and np.allclose(p, p.T) and np.linalg.eigvalsh(p).min() > 0
     assert "held-out normal calibration" in m.threshold.method and m.threshold.value > 0
-    assert m.window == 4 and m.training.rows == 400 and m.training.normal_rows == 400
+    assert m.window == 8 and m.training.rows == 400 and m.training.normal_rows == 400
     assert m.sample_period_s == 1.0
     t = m.training.metrics
     assert t["calibration_rows"] > 50 and 0 <= t["calibration_false_alarm_rate"] <= 0.05

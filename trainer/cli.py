@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = {k: f.default for k, f in FitOptions.model_fields.items()}
     m.add_argument("--seed", type=int, default=d["seed"], help=f"random seed (default {d['seed']})")
-    m.add_argument("--window", type=int, metavar="ROWS", help="rows per window (default: 4, shorter for short data)")
+    m.add_argument("--window", type=int, metavar="ROWS", help="rows per window (default: 8, shorter for short data)")
     m.add_argument("--stride", type=int, default=d["stride"], metavar="ROWS",
                    help=f"rows between scored windows (default {d['stride']})")
     m.add_argument("--epochs", type=int, default=d["epochs"], help=f"maximum epochs (default {d['epochs']}; early stopping)")
