@@ -228,3 +228,28 @@ def test_refit_replaces_stale_files(made, tmp_path):
     m = fit([made.train_csv], b, FitOptions(epochs=5, window=4, progress=False, int8=False, version="v2"))
     assert m.version == "v2" and not (b / "vae_b64_int8.tflite").exists()
     assert json.loads((b / "manifest.json").read_text())["window"] == 4
+
+
+def test_calibration_rows_with_unseen_normal_behaviour_do_not_blind_the_detector(tmp_path):
+    """Regression (the demo pumps, 2026-12-01): the last quarter of each pump's 2 h history (the
+    calibration rows) has normal behaviour the earlier rows lack (the motor runs colder). With
+    window 4 and the residual whitening taken from the early-stopping rows alone the calibration
+    scores exploded, the threshold rose to 7.7 and the cavitation fault went unseen; whitening
+    from every held-out normal row keeps the threshold sane (4.0) and catches it."""
+    from trainer.demo import DEVICES
+    from trainer.simulate import simulate_device, write_csv
+
+    hist, live = [], {}
+    for i, (name, faults) in enumerate(DEVICES.items()):
+        h = simulate_device(name, "pump", rows=7200, seed=100 + i, regimes=True, start_epoch=1_767_225_600.0)
+        hist.append(write_csv(h, tmp_path / f"{name}.train.csv"))
+        live[name] = simulate_device(name, "pump", rows=2700, seed=200 + i, faults=faults,
+                                     start_epoch=float(h.timestamps[-1]) + 1.0)
+    m = fit(hist, tmp_path / "b", FitOptions(window=4, progress=False, int8=False, ensemble=1, time_budget_s=30),
+            CsvOptions(label_col="label", exclude=["fault"]))
+    scorer = Scorer(m, open_backend("onnxruntime", tmp_path / "b", m))
+    cav = live["pump-04"]
+    res = score_rows(scorer, cav.values)
+    assert res["anomaly"][cav.label == 1].mean() > 0.5, m.threshold.value
+    for healthy in ("pump-01", "pump-03"):
+        assert score_rows(scorer, live[healthy].values)["anomaly"].mean() < 0.05
