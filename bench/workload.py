@@ -20,25 +20,34 @@ STREAM_ROWS = 3600
 
 
 def ensure_bundle(out: Path, log=print) -> Path:
-    """Train (or reuse) the bench bundle: pump data, default fit options, int8 variants on."""
+    """Train (or reuse) the bench bundle: pump data, default fit options, int8 variants on.
+
+    A cached bundle is reused only when it was trained with today's fit options (a change of
+    defaults -- window, score, ensemble -- retrains it)."""
+    from trainer.fit import FitOptions, fit
+
+    opts = FitOptions(seed=0, progress=False, name="bench", version="bench", time_budget_s=30)
+    key = opts.model_dump_json()
     bundle = out / "bundle"
-    if (bundle / "manifest.json").is_file():
+    stamp = out / "bundle.fit-options.json"
+    if (bundle / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == key:
         try:
             from agent.manifest import load_manifest
             load_manifest(bundle)
             return bundle
         except Exception:
-            shutil.rmtree(bundle, ignore_errors=True)
-    from trainer.fit import FitOptions, fit
+            pass
+    shutil.rmtree(bundle, ignore_errors=True)
     from trainer.simulate import simulate_device, write_csv
 
-    log("training the bench bundle (once, ~30 s; cached in %s)" % bundle)
+    log("training the bench bundle (once, ~60 s; cached in %s)" % bundle)
     out.mkdir(parents=True, exist_ok=True)
     csvs = []
     for seed in range(4):  # four hours of the machine's normal life: its regimes, not one stretch
         d = simulate_device("pump-bench", "pump", STREAM_ROWS, seed=seed)
         csvs.append(write_csv(d, out / f"train-{seed}.csv"))
-    fit(csvs, bundle, FitOptions(seed=0, progress=False, name="bench", version="bench", time_budget_s=30))
+    fit(csvs, bundle, opts)
+    stamp.write_text(key)
     return bundle
 
 
