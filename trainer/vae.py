@@ -55,8 +55,9 @@ class EnsembleVAE(nn.Module):
     """Mean reconstruction of several WindowVAEs trained from different seeds: one graph, one call.
 
     Each member's reconstruction error on normal data has its own quirks (which normal patterns it
-    reproduces a little worse); averaging them narrows the normal score spread, so the label-free
-    threshold sits lower relative to real faults (bench.detection, README "Detection quality").
+    reproduces a little worse, depending on its seed); their mean depends less on one seed's luck.
+    Measured on bench.detection: mean F1 0.709 vs 0.691 for one VAE, most of it on the SKAB-like set
+    (README "Detection quality"); three times the training time, one exported graph.
     """
 
     def __init__(self, members: list[WindowVAE]):
