@@ -73,3 +73,24 @@ def test_broken_correlation_between_redundant_sensors_stands_out_only_when_white
     whitened = ratio(_with(m, kind="vae_recon_mahal", precision=p.tolist()))
     per_channel = ratio(_with(m, kind="vae_recon_norm", channel_scale=[1.0] * F))
     assert per_channel < 1.0 < 2.0 < whitened, (per_channel, whitened)
+
+
+def test_mahal_fast_path_and_plain_path_agree_and_buffers_do_not_leak_between_calls(tiny):
+    m, backend = tiny
+    p = np.array([[1.5, 0.3, 0.0], [0.3, 1.0, -0.2], [0.0, -0.2, 0.7]])
+    sc = Scorer(_with(m, kind="vae_recon_mahal", precision=p.tolist(), transform="log"), backend)
+    rng = np.random.default_rng(4)
+    big = rng.normal(size=(70, W, F)).astype(np.float32)
+    small = rng.normal(size=(3, W, F)).astype(np.float32)
+    s_big, c_big = sc.score(big)  # contiguous float32: the buffered path
+    s_small, c_small = sc.score(small)
+    wide = np.zeros((70, W, 2 * F), np.float32)
+    wide[:, :, ::2] = big
+    view = wide[:, :, ::2]  # same values, not contiguous: the plain (allocating) path
+    assert not view.flags.c_contiguous
+    s_plain, c_plain = sc.score(view)
+    np.testing.assert_allclose(s_big, s_plain, rtol=1e-6)
+    np.testing.assert_allclose(c_big, c_plain, rtol=1e-5, atol=1e-6)
+    again, _ = sc.score(big)
+    np.testing.assert_array_equal(s_big, again)  # results are fresh arrays, not views of a reused buffer
+    assert s_small.shape == (3,) and c_small.shape == (3, F) and not np.shares_memory(c_small, c_big)
