@@ -48,6 +48,7 @@ class Scorer:
         self._tiles: tuple[np.ndarray, ...] | None = None  # centre, 1/scale, -CLIP, CLIP repeated over windows
         self._xs: np.ndarray | None = None  # scaled input of channel_errors, reused batch to batch
         self._dt: np.ndarray | None = None  # squared residuals, (tail, B, F): time-major
+        self._mxs: np.ndarray | None = None  # vae_recon_mahal: scaled input
         self._mr: np.ndarray | None = None  # vae_recon_mahal: residuals and P-weighted residuals, (2 B tail, F)
 
     def scale(self, windows: np.ndarray) -> np.ndarray:
@@ -133,10 +134,10 @@ class Scorer:
             terms = np.mean(d * (d @ self.precision), axis=1)
         else:
             W, F = self._wf
-            xs, mr = self._xs, self._mr
-            if xs is None or xs.shape[0] < n or mr is None or mr.shape[0] < 2 * n * T:
-                m = max(n, 64, 0 if xs is None else xs.shape[0])
-                xs = self._xs = np.empty((m, W, F), np.float32)
+            xs, mr = self._mxs, self._mr  # its own buffers: channel_errors' come in a pair of its own
+            if xs is None or xs.shape[0] < n:
+                m = max(n, 64)
+                xs = self._mxs = np.empty((m, W, F), np.float32)
                 mr = self._mr = np.empty((2 * m * T, F), np.float32)
             xs = xs[:n]
             self._scale_flat(w.reshape(-1), xs.reshape(-1))

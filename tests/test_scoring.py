@@ -94,3 +94,14 @@ def test_mahal_fast_path_and_plain_path_agree_and_buffers_do_not_leak_between_ca
     again, _ = sc.score(big)
     np.testing.assert_array_equal(s_big, again)  # results are fresh arrays, not views of a reused buffer
     assert s_small.shape == (3,) and c_small.shape == (3, F) and not np.shares_memory(c_small, c_big)
+
+
+def test_one_scorer_serves_score_and_channel_errors_in_any_order(tiny):
+    m, backend = tiny
+    sc = Scorer(_with(m, kind="vae_recon_mahal", precision=np.eye(F).tolist()), backend)
+    x = np.random.default_rng(5).normal(size=(9, W, F)).astype(np.float32)
+    s1, _ = sc.score(x)
+    e = sc.channel_errors(x)  # shared buffers once broke this order
+    s2, _ = sc.score(x[:4])
+    np.testing.assert_allclose(e.mean(axis=1), s1, rtol=1e-6)
+    np.testing.assert_allclose(s2, s1[:4], rtol=1e-6)
