@@ -37,18 +37,18 @@ class Scorer:
         cs = spec.channel_scale if spec.kind == "vae_recon_norm" else None
         self.inv_channel = None if cs is None else (1.0 / np.maximum(np.asarray(cs, np.float64), 1e-12)).astype(np.float32)
         self.precision = np.asarray(spec.precision, np.float32) if spec.kind == "vae_recon_mahal" else None
-        n_f = len(manifest.features)
-        # (tail*F, F): mean over the tail rows per channel; (tail*F,): mean over all terms (= sum over F / F).
-        self._tail_mean = np.tile(np.eye(n_f, dtype=np.float32), (self.tail, 1)) * np.float32(1.0 / self.tail)
-        self._all_mean = np.full(self.tail * n_f, 1.0 / (self.tail * n_f), np.float32)
+        if self.precision is not None:
+            n_f = len(manifest.features)
+            # (tail*F, F): mean over the tail rows per channel; (tail*F,): mean over all terms (= sum over F / F).
+            self._tail_mean = np.tile(np.eye(n_f, dtype=np.float32), (self.tail, 1)) * np.float32(1.0 / self.tail)
+            self._all_mean = np.full(self.tail * n_f, 1.0 / (self.tail * n_f), np.float32)
         # Hot-path buffers (allocation only: the arithmetic and its order are the plain numpy
         # expressions'). The model is tiny (~0.5 us per window), so numpy's per-call and
         # broadcasting overheads on (B, W, F) arrays with F ~ 8 cost more than the model.
         self._wf = (manifest.window, len(manifest.features))
         self._tiles: tuple[np.ndarray, ...] | None = None  # centre, 1/scale, -CLIP, CLIP repeated over windows
-        self._xs: np.ndarray | None = None  # scaled input of channel_errors, reused batch to batch
-        self._dt: np.ndarray | None = None  # squared residuals, (tail, B, F): time-major
-        self._mxs: np.ndarray | None = None  # vae_recon_mahal: scaled input
+        self._xs: np.ndarray | None = None  # scaled input, reused batch to batch
+        self._dt: np.ndarray | None = None  # channel_errors: squared residuals, (tail, B, F): time-major
         self._mr: np.ndarray | None = None  # vae_recon_mahal: residuals and P-weighted residuals, (2 B tail, F)
 
     def scale(self, windows: np.ndarray) -> np.ndarray:
@@ -81,10 +81,23 @@ class Scorer:
         recon = self.backend.run(xs)[0]
         return recon[:, -self.tail:, :] - xs[:, -self.tail:, :]
 
-    def channel_errors(self, windows: np.ndarray) -> np.ndarray:
-        """Squared reconstruction error per channel over the window's tail: (B, F)."""
+    def _run_buffered(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(scaled input, reconstruction) of a non-empty, contiguous (B, W, F) batch, the input
+        scaled into a buffer reused batch to batch; None for anything else (the plain path)."""
         w = np.asarray(windows, np.float32)
         if not (w.ndim == 3 and w.shape[1:] == self._wf and w.flags.c_contiguous and w.shape[0]):
+            return None
+        n = w.shape[0]
+        if self._xs is None or self._xs.shape[0] < n:
+            self._xs = np.empty((max(n, 64), *self._wf), np.float32)
+        xs = self._xs[:n]
+        self._scale_flat(w.reshape(-1), xs.reshape(-1))
+        return xs, self.backend.run(xs)[0]
+
+    def channel_errors(self, windows: np.ndarray) -> np.ndarray:
+        """Squared reconstruction error per channel over the window's tail: (B, F)."""
+        run = self._run_buffered(windows)
+        if run is None:
             d = self.residuals(windows)
             return np.mean(d * d, axis=1)
         # = np.mean(d * d, axis=1) of residuals(), bit for bit, without temporaries: scaled input in a
@@ -92,16 +105,12 @@ class Scorer:
         # over contiguous (B, F) planes -- in the same order, t = 0, 1, ... -- then divided by T.
         # np.mean divides in float64 and rounds to float32; a float32 division is that same number
         # (float64 has more than 2 x 24 + 2 bits, so rounding twice equals rounding once).
-        n, W, F = w.shape
+        xs, recon = run
+        n, _, F = xs.shape
         T = self.tail
-        xs, dt = self._xs, self._dt
-        if xs is None or xs.shape[0] < n:
-            m = max(n, 64)
-            xs, dt = self._xs, self._dt = np.empty((m, W, F), np.float32), np.empty((T, m, F), np.float32)
-        xs = xs[:n]
-        self._scale_flat(w.reshape(-1), xs.reshape(-1))
-        recon = self.backend.run(xs)[0]
-        d = dt[:, :n, :]
+        if self._dt is None or self._dt.shape[1] < n:
+            self._dt = np.empty((T, max(n, 64), F), np.float32)
+        d = self._dt[:, :n, :]
         np.subtract(recon[:, -T:, :].transpose(1, 0, 2), xs[:, -T:, :].transpose(1, 0, 2), out=d)
         np.multiply(d, d, out=d)
         out = np.empty((n, F), np.float32)
@@ -121,28 +130,24 @@ class Scorer:
             s = np.log1p(s)
         return s, contrib
 
-
     def _score_mahal(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """vae_recon_mahal: r' P r per row = sum over channels of r_c (P r)_c, averaged over the tail
         rows, over F. Those per-channel terms are the contributions (a negative cross-term -- a
         channel that explains another's error -- counts as 0). Reused buffers on the hot path: the
         model costs ~1 us per window, so temporaries would cost as much as the model."""
-        w = np.asarray(windows, np.float32)
-        n, T = (w.shape[0] if w.ndim == 3 else 0), self.tail
-        if not (n and w.shape[1:] == self._wf and w.flags.c_contiguous):
+        run = self._run_buffered(windows)
+        if run is None:
             d = self.residuals(windows)
             terms = np.mean(d * (d @ self.precision), axis=1)
+            s = np.add.reduce(terms, axis=1, dtype=np.float64)
+            s *= 1.0 / terms.shape[1]
         else:
-            W, F = self._wf
-            xs, mr = self._mxs, self._mr  # its own buffers: channel_errors' come in a pair of its own
-            if xs is None or xs.shape[0] < n:
-                m = max(n, 64)
-                xs = self._mxs = np.empty((m, W, F), np.float32)
-                mr = self._mr = np.empty((2 * m * T, F), np.float32)
-            xs = xs[:n]
-            self._scale_flat(w.reshape(-1), xs.reshape(-1))
-            recon = self.backend.run(xs)[0]
-            d, pd = mr[:n * T], mr[n * T:2 * n * T]
+            xs, recon = run
+            n, _, F = xs.shape
+            T = self.tail
+            if self._mr is None or self._mr.shape[0] < 2 * n * T:
+                self._mr = np.empty((2 * max(n, 64) * T, F), np.float32)
+            d, pd = self._mr[:n * T], self._mr[n * T:2 * n * T]
             np.subtract(recon[:, -T:, :], xs[:, -T:, :], out=d.reshape(n, T, F))
             np.matmul(d, self.precision, out=pd)
             np.multiply(pd, d, out=pd)
@@ -151,13 +156,6 @@ class Scorer:
             flat = pd.reshape(n, T * F)
             terms = flat @ self._tail_mean
             s = (flat @ self._all_mean).astype(np.float64)
-            contrib = np.maximum(terms, np.float32(0.0), out=terms)
-            if self.log:
-                np.maximum(s, 0.0, out=s)
-                np.log1p(s, out=s)
-            return s, contrib
-        s = np.add.reduce(terms, axis=1, dtype=np.float64)
-        s *= 1.0 / terms.shape[1]
         contrib = np.maximum(terms, np.float32(0.0), out=terms)
         if self.log:
             np.maximum(s, 0.0, out=s)
