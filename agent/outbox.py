@@ -20,6 +20,7 @@ of an alert that was already delivered (at-least-once), never a loss.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -86,6 +87,27 @@ class Outbox:
             db.execute("ALTER TABLE outbox ADD COLUMN acked REAL")
         return db
 
+    @contextlib.contextmanager
+    def _transaction(self, fsync: bool = True):
+        """One transaction under the lock: committed, or rolled back on any error. ``fsync=False``
+        commits without a disk flush, for writes a power cut may undo at no cost but a repeat
+        (acknowledging, purging: delivery is at-least-once and consumers de-duplicate on the id)."""
+        with self._lock:
+            db = self._db
+            if not fsync:
+                db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            finally:
+                if not fsync:
+                    db.execute("PRAGMA synchronous=FULL")
+
     def put(self, topic: str, payload: bytes, state_topic: str | None = None) -> int:
         """Persist one alert; returns its sequence number (used to ack)."""
         return self.put_many([(topic, payload, state_topic)])[0]
@@ -96,36 +118,14 @@ class Outbox:
         if not alerts:
             return []
         now = time.time()
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                seqs = [int(db.execute(_INSERT, (topic, payload, state_topic, now)).lastrowid)
-                        for topic, payload, state_topic in alerts]
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            return seqs
-
-    def _write_lazily(self, sql: str, args: tuple) -> None:
-        """A write that a power cut may undo at no cost but a repeat (delivery is at-least-once and
-        consumers de-duplicate on the id): committed without an fsync. Caller holds the lock."""
-        db = self._db
-        db.execute("PRAGMA synchronous=NORMAL")
-        try:
-            db.execute(sql, args)
-        finally:
-            db.execute("PRAGMA synchronous=FULL")
+        with self._transaction() as db:
+            return [int(db.execute(_INSERT, (topic, payload, state_topic, now)).lastrowid)
+                    for topic, payload, state_topic in alerts]
 
     def ack(self, seq: int, linger: bool = False) -> None:
         """The broker acknowledged it: delete it, or keep it lingering (see the module doc).
-        Not fsynced: it runs on the network thread, and losing it costs one repeat after a power cut."""
-        with self._lock:
-            if linger:
-                self._write_lazily("UPDATE outbox SET acked = ? WHERE seq = ?", (time.time(), seq))
-            else:
-                self._write_lazily("DELETE FROM outbox WHERE seq = ?", (seq,))
+        Not fsynced: losing it costs one repeat after a power cut."""
+        self.ack_many([seq], linger)
 
     def pending(self) -> list[Entry]:
         """Every alert still here (unacknowledged or lingering), oldest first; all count as unacknowledged again."""
@@ -147,29 +147,18 @@ class Outbox:
         """:meth:`ack` for several alerts, in one transaction (not fsynced either)."""
         if not seqs:
             return
-        with self._lock:
-            db = self._db
-            db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    if linger:
-                        now = time.time()
-                        db.executemany("UPDATE outbox SET acked = ? WHERE seq = ?", [(now, s) for s in seqs])
-                    else:
-                        db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-            finally:
-                db.execute("PRAGMA synchronous=FULL")
+        with self._transaction(fsync=False) as db:
+            if linger:
+                now = time.time()
+                db.executemany("UPDATE outbox SET acked = ? WHERE seq = ?", [(now, s) for s in seqs])
+            else:
+                db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
 
     def purge(self, acked_before: float, created_before: float = float("-inf")) -> None:
         """Forget acknowledged alerts acknowledged, or raised, before these times (epoch seconds)."""
-        with self._lock:  # not fsynced either (see ack)
-            self._write_lazily("DELETE FROM outbox WHERE acked IS NOT NULL AND (acked < ? OR created < ?)",
-                               (acked_before, created_before))
+        with self._transaction(fsync=False) as db:  # not fsynced either (see ack)
+            db.execute("DELETE FROM outbox WHERE acked IS NOT NULL AND (acked < ? OR created < ?)",
+                       (acked_before, created_before))
 
     def get(self, seq: int) -> Entry | None:
         """One unacknowledged alert, or None once it was acknowledged."""
