@@ -129,10 +129,6 @@ def encode_snapshot(snap: tuple) -> tuple[str, str, bytes]:
     return name, json.dumps(st), buf
 
 
-def dump_device(dev: _Device, pending: list | None) -> tuple[str, bytes]:
-    return encode_snapshot(snapshot_device("", dev, pending))[1:]
-
-
 def _load_device(p: Pipeline, st: dict, buf: bytes, same_shape: bool, same_bundle: bool) -> _Device:
     stream = DeviceStream(p.manifest)
     w = stream.window

@@ -4,9 +4,10 @@ scoring → alert decisions → alert sink.
 Windows that fall due on any device are copied into one preallocated (max_batch, W, F)
 array and scored with ONE ``Scorer.score`` call when the batch is full or the message
 behind its oldest window arrived ``max_latency_ms`` ago (time spent queued counts: messages
-that arrive while a batch waits for its deadline join it and are scored at that deadline). Decisions then run per device in arrival order
-through ``DeviceStream.decide`` — the same pieces ``score_rows`` uses offline, so the
-gateway decides exactly what ``edge-trainer score`` decides for the same stream.
+that arrive while a batch waits for its deadline join it and are scored at that deadline).
+Decisions then run per device in arrival order through ``DeviceStream.decide`` — the same
+pieces ``score_rows`` uses offline, so the gateway decides exactly what ``edge-trainer score``
+decides for the same stream.
 
 Intake is a bounded deque the pipeline thread empties in chunks (see :class:`Handoff`):
 when it is full the network thread waits for room instead of dropping, so the broker keeps
