@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.broker import stop_process
+from bench.broker import free_port, stop_process
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 AGENT_ID = "gw-faults"
@@ -59,12 +59,6 @@ TOPIC = "factory/line1/{device}/telemetry"
 
 
 # ------------------------------------------------------------------ processes
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _wait_port(port: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout

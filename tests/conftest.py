@@ -15,13 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.broker import stop_process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.broker import free_port, stop_process
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

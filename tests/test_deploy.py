@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.broker import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "edgewatch-agent.service"
 DROPIN = REPO / "systemd" / "10-site.conf"
@@ -594,12 +596,6 @@ def test_dashboard_and_rules_match_what_the_agent_exports():
 # --- mosquitto: config loads, ACL holds, the agent's session survives a broker restart ---------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def tls_broker(tmp_path):
     """deploy/mosquitto/edgewatch.conf under a Debian-style main config, paths moved to tmp."""
@@ -621,7 +617,7 @@ def tls_broker(tmp_path):
     (d / "passwd").write_text("")
     for user in ("edgewatch-agent", "hmi", "plc-line1"):
         run(passwd, "-b", "passwd", user, f"{user}-pw")
-    port = _free_port()
+    port = free_port()
     conf = (MOSQ / "edgewatch.conf").read_text()
     conf = conf.replace("listener 8883", f"listener {port} 127.0.0.1")
     conf = conf.replace("/etc/mosquitto/certs/", f"{d}/").replace("/etc/mosquitto/passwd", f"{d}/passwd")
