@@ -187,7 +187,11 @@ def run_steady(broker: Mosquitto, bundle: Path, workdir: Path, features: list[st
         text = metrics_text(port)
         watch.close()
         pub.close()
-        lat = [watch.got[k] - sent[k] for k in watch.got if k in sent]
+        # Steady state: alerts on rows published after the warm-up (the 1,000 devices' arrival, their
+        # first full checkpoint and the start-up collections are not what a running gateway sees).
+        t_steady = t0 + warmup_s
+        lat_all = [watch.got[k] - sent[k] for k in watch.got if k in sent]
+        lat = [watch.got[k] - sent[k] for k in watch.got if k in sent and sent[k] >= t_steady]
         res.update({
             "seconds": seconds, "sent": n_sent, "rate_achieved": (n_sent - sent_w) / (t_end - cpu_w),
             "cpu_us_per_msg": 1e6 * (cpu1 - cpu0) / max(1, n_sent - sent_w),
@@ -200,6 +204,9 @@ def run_steady(broker: Mosquitto, bundle: Path, workdir: Path, features: list[st
             "scored_latency": histogram_quantiles(text, "edgewatch_latency_seconds", 'stage="scored"'),
             "published_latency": histogram_quantiles(text, "edgewatch_latency_seconds", 'stage="published"'),
             "inference": histogram_quantiles(text, "edgewatch_inference_seconds", ""),
+            "alert_latency_all_ms": {"alerts": len(lat_all),
+                                     "p50": float(np.percentile(lat_all, 50)) * 1e3 if lat_all else float("nan"),
+                                     "p99": float(np.percentile(lat_all, 99)) * 1e3 if lat_all else float("nan")},
             "latency_samples_ms": [round(x * 1e3, 3) for x in lat[:5000]],
         })
         # RSS growth over the run after warm-up: slope of a least-squares line, MB per minute.
