@@ -94,7 +94,8 @@ class App:
         # Telemetry is acknowledged once a state checkpoint holds it: a crash loses neither.
         self.link = MqttLink(cfg, self.pipeline.submit, self.metrics, self.outbox, manual_ack=True)
         self.state = StateStore(cfg.state_dir / "state.sqlite")
-        self.checkpoints = Checkpointer(self.pipeline, self.state, self.link.ack_through, receive_maximum(cfg))
+        self.checkpoints = Checkpointer(self.pipeline, self.state, self.link.ack_through, receive_maximum(cfg),
+                                        durable=self.outbox.sync)
         self.checkpoints.restore()
         for f in self.pipeline.matcher.subscriptions():
             self.link.subscribe(f, qos=1)

@@ -16,7 +16,9 @@ window (receive maximum) waits, so the broker is never held back. Only changed d
 copied there (a consistent snapshot: plain values and the window's bytes, ~2 us per device);
 encoding them (JSON), writing them and then acknowledging the messages they hold happen on a
 writer thread, one checkpoint at a time, so the pipeline neither serialises nor stalls on the
-disk. ``synchronous=NORMAL`` (WAL): a checkpoint survives
+disk. Before acknowledging, the writer flushes the alert outbox to disk (``durable``: the
+alerts decided from that telemetry are then safe from a power cut; agent.outbox).
+``synchronous=NORMAL`` (WAL): a checkpoint survives
 the agent process dying with no fsync; a power cut may lose the newest ones, as the broker's
 autosave loses its newest messages. A failed write is logged and counted, the next
 checkpoint rewrites every device, and the messages are acknowledged anyway: monitoring must
@@ -151,10 +153,14 @@ class Checkpointer:
     the writes and acknowledgements run on its own writer thread."""
 
     def __init__(self, pipeline: Pipeline, store: StateStore, ack: Callable[[int], None] | None = None,
-                 receive_maximum: int = 20, interval_s: float = INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+                 receive_maximum: int = 20, interval_s: float = INTERVAL_S, clock: Callable[[], float] = time.monotonic,
+                 durable: Callable[[], object] | None = None):
         self.p = pipeline
         self.store = store
         self.ack = ack
+        # Called on the writer thread before each acknowledgement: the alert outbox's sync(), so the
+        # alerts decided from the acknowledged telemetry are on disk first (agent.outbox).
+        self.durable = durable
         self.batch = max(1, receive_maximum // 2)
         self.interval = interval_s
         self.clock = clock
@@ -250,7 +256,9 @@ class Checkpointer:
                     if i % 64 == 63:
                         time.sleep(0)  # let the pipeline thread have the GIL between slices of this work
                 self.store.save(meta, rows, replace_all=full)
-            except Exception as e:  # sqlite3.Error mostly; whatever it is, this thread must go on
+                if self.durable is not None:
+                    self.durable()
+            except Exception as e:  # sqlite3.Error or OSError mostly; whatever it is, this thread must go on
                 self.failures += 1
                 self.p.metrics.checkpoint_failures.inc()
                 self._rewrite = True

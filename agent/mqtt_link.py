@@ -11,7 +11,8 @@
   broker redelivers what the agent had not yet made durable. MQTT 5 announces a receive
   maximum, so the broker holds back (keeps queued) what the pipeline cannot take yet.
 - Alerts: outbox first, then QoS 1 publish; the outbox row is deleted on PUBACK. The alerts of
-  one micro-batch are persisted in one transaction (``send_alerts``: one fsync), then published. paho keeps
+  one micro-batch are persisted in one transaction (``send_alerts``; flushed to disk before the
+  telemetry behind them is acknowledged: agent.outbox), then published. paho keeps
   unacknowledged and not-yet-sent QoS 1 messages in its ordered queue across reconnects,
   so alerts raised while disconnected go out, in order, after the reconnect; alerts left
   in the outbox by a previous process are queued again at start. An alert the broker
@@ -130,7 +131,7 @@ class MqttLink:
         self._last_purge = 0.0
         self._timers: set[threading.Timer] = set()
         # Outbox seqs the broker acknowledged: applied to the outbox by the "outbox" thread, so the
-        # network thread never waits for the outbox (whose lock the pipeline holds through a commit's fsync).
+        # network thread never waits for the outbox (whose lock the pipeline holds through its commits).
         self._done: collections.deque[int] = collections.deque()
         self._done_evt = threading.Event()
         self._outbox_thread: threading.Thread | None = None
@@ -220,7 +221,7 @@ class MqttLink:
 
     def send_alerts(self, alerts: list[tuple[str, bytes, str | None, float | None]]) -> list[int]:
         """:meth:`send_alert` for several alerts (one micro-batch's): persisted in ONE outbox
-        transaction (one fsync), then published in order. Returns the outbox seqs (-1: not persisted)."""
+        transaction, then published in order. Returns the outbox seqs (-1: not persisted)."""
         seqs: list[int | None] = [None] * len(alerts)
         if self.outbox is not None and alerts:
             try:

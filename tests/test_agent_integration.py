@@ -167,6 +167,9 @@ def test_fault_on_one_device_raises_then_clears_and_metrics_show_it(tmp_path, br
         wait_until(lambda: app.outbox.backlog() == 0, what="PUBACKs")  # the consumer may see it before we do
         alerts = sub.alerts(prefix)
         assert [(a["device"], a["state"]) for a in alerts] == [("pump-2", "raised"), ("pump-2", "cleared")]
+        # the alerts were flushed to disk before the telemetry behind them was acknowledged
+        assert app.checkpoints.durable == app.outbox.sync
+        wait_until(lambda: app.outbox._synced == app.outbox._puts >= 1, what="outbox flushed by a checkpoint")
         raised = alerts[0]
         assert raised["top_sensors"][0]["sensor"] == "b"
         assert raised["model"] == {"name": "tiny", "version": "1.0.0"} and len(raised["id"]) == 32

@@ -208,6 +208,40 @@ def test_a_failed_checkpoint_is_counted_and_telemetry_still_acknowledged(tmp_pat
     assert max(acked) == 12  # monitoring goes on: the broker is never held back by a broken disk
 
 
+def test_alerts_are_on_disk_before_the_telemetry_behind_them_is_acknowledged(tmp_path, bundle, monkeypatch):
+    """The outbox commits an alert without a disk flush (publishing never waits for the disk); the
+    checkpointer flushes it (Outbox.sync) before acknowledging the telemetry it was decided from.
+    So a power cut either keeps the alert, or loses telemetry the broker still holds and
+    redelivers, and the restarted agent decides the same alert again."""
+    import os
+
+    flushed, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    cfg = load_config(agent_id="gw", bundle=str(bundle), state_dir=str(tmp_path),
+                      topics={"telemetry": ["factory/+/{device}/telemetry"]}, batching={"max_batch": 4, "max_latency_ms": 0})
+    m = load_manifest(bundle)
+    puts: list[tuple[int, int]] = []  # (progress when persisted, puts so far)
+
+    def sink_many(alerts):
+        outbox.put_many([(t, payload, st) for t, payload, st, _ in alerts])
+        puts.append((p.progress, outbox._puts))
+    p = Pipeline(cfg, Scorer(m, open_backend("onnxruntime", bundle, m)), Metrics(), None, sink_many=sink_many)
+    acks: list[tuple[int, int]] = []  # (acknowledged progress, puts flushed by then)
+    ck = Checkpointer(p, StateStore(tmp_path / "state.sqlite"), ack=lambda tok: acks.append((tok, outbox._synced)),
+                      receive_maximum=10, durable=outbox.sync)
+    msgs = _messages("json", {f"d{i}": _stream(i) for i in range(3)})
+    for token, (topic, payload) in enumerate(msgs, 1):
+        p.submit(topic, payload, T0 + 1e6, token)
+        ck.tick(p.step(idle_wait=0))
+    ck.checkpoint(wait=True)
+    assert puts and acks and max(tok for tok, _ in acks) == len(msgs)
+    for tok, synced in acks:
+        assert synced >= max((n for prog, n in puts if prog <= tok), default=0), (tok, synced, puts)
+    assert str(tmp_path / "outbox.sqlite-wal") in flushed
+    outbox.close()
+
+
 def test_a_checkpoint_is_encoded_off_the_pipeline_thread_and_holds_the_state_it_was_taken_at(tmp_path, bundle, monkeypatch):
     """The pipeline thread only copies the changed devices; JSON encoding, the write and the
     acknowledgements run on the writer thread, and what lands is the state at checkpoint() time
