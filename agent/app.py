@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from agent import sdnotify
-from agent.backends import open_backend
 from agent.checkpoint import Checkpointer, StateStore
 from agent.classify import FaultClassifier, open_classifier
 from agent.bundle_watch import BundleWatcher, fingerprint
@@ -33,7 +32,7 @@ from agent.mqtt_link import MqttLink, receive_maximum
 from agent.mqtt_security import anonymous_broker_check, check_policy, must_refuse_anonymous_broker
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline
-from agent.scoring import Scorer
+from agent.scoring import Scorer, open_scorer
 from agent.selftest import Canary
 
 log = logging.getLogger(__name__)
@@ -109,14 +108,15 @@ class App:
         # The symlink's target, resolved once: a switch while we verify cannot mix two bundles.
         path = Path(os.path.realpath(cfg.bundle))
         m: Manifest = load_manifest(path)
-        backend = open_backend(cfg.backend, path, m, threads=cfg.threads)
-        log.info("bundle %s %s verified (%s, %d features, window %d, threshold %.4g, %s)", m.name, m.version,
-                 cfg.backend, len(m.features), m.window, m.threshold.value, path)
+        scorer = open_scorer(cfg.backend, path, m, threads=cfg.threads)
+        log.info("bundle %s %s verified (%s%s, %d features, window %d, threshold %.4g, %s)", m.name, m.version,
+                 cfg.backend, ", fused scorer graph" if scorer.head is not None else "", len(m.features), m.window,
+                 m.threshold.value, path)
         classifier = open_classifier(cfg.backend, path, m, threads=cfg.threads)
         if classifier is not None:
             log.info("fault classifier verified: %s", ", ".join(m.classes))
         self.bundle_path = path
-        return Scorer(m, backend), classifier
+        return scorer, classifier
 
     def _publish_bundle(self, backend: str) -> None:
         """Metrics and the retained model topic: what is in service, since when."""

@@ -111,7 +111,7 @@ def _backend_row(cfg: AgentConfig, m, name: str) -> Row:
         for model in models:
             opened[model] = open_backend(name, cfg.bundle, m, model=model, threads=cfg.threads, check_golden=False)
             worst = max(worst, verify_golden(opened[model], Path(cfg.bundle), m.models[model], model))
-        scorer = Scorer(m, opened["vae"])
+        scorer = Scorer(m, opened["vae"], opened.get("scorer"))
         win = np.tile(np.asarray(m.scaler.centre, np.float32), (1, m.window, 1))
         scorer.score(win)  # warm-up
         t = time.perf_counter()

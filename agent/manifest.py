@@ -129,7 +129,8 @@ class Manifest(_Strict):
     scaler: Scaler
     score: ScoreSpec
     threshold: Threshold
-    models: dict[str, ModelEntry] = Field(description="'vae' (required), 'generator', 'classifier'.")
+    models: dict[str, ModelEntry] = Field(description="'vae' (required), 'scorer' (the fused scaling + VAE + score "
+                                          "graph, agent.scoring.open_scorer), 'generator', 'classifier'.")
     classes: list[str] = Field(default_factory=list, description="Fault class names of the classifier.")
     latent_dim: int | None = Field(None, description="Generator noise size (when a generator is present).")
     training: Training

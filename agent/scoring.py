@@ -1,7 +1,10 @@
 """Scoring core shared by the gateway and the trainer: scale → reconstruct → score → decide.
 
 ``Scorer`` turns a batch of raw windows into scores and per-sensor contributions with one
-backend call. ``DeviceStream`` holds one device's causal state (window, smoothing, alert
+backend call: the bundle's fused ``scorer`` graph (scaling, VAE, residual score and
+contributions in one runtime call) when it has one, else the ``vae`` graph with the scaling
+and the score computed here in numpy (bundles from before the fused graph; int8 variants;
+the trainer's own calibration, which is the reference the fused graph is checked against). ``DeviceStream`` holds one device's causal state (window, smoothing, alert
 state). ``score_rows`` runs a whole table through exactly these pieces, so offline
 ``edge-trainer score`` decides what the live agent decides for the same stream.
 """
@@ -13,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.alerts import AlertState, Event
-from agent.backends import Backend
+from pathlib import Path
+
+from agent.backends import FORMAT, Backend, open_backend
 from agent.manifest import Manifest
 from agent.windowing import RingWindow, ffill, sliding_windows
 
@@ -26,9 +31,10 @@ class Scorer:
     instance (as for a LiteRT interpreter): the hot path reuses its buffers between calls;
     results are always fresh arrays."""
 
-    def __init__(self, manifest: Manifest, backend: Backend):
+    def __init__(self, manifest: Manifest, backend: Backend, head: Backend | None = None):
         self.manifest = manifest
-        self.backend = backend
+        self.backend = backend  # the VAE: scaled windows -> reconstruction
+        self.head = head  # the fused scorer graph: raw windows -> (score, contributions), or None
         self.centre = np.asarray(manifest.scaler.centre, np.float32)
         self.inv_scale = (1.0 / np.asarray(manifest.scaler.scale, np.float64)).astype(np.float32)
         spec = manifest.score
@@ -120,6 +126,11 @@ class Scorer:
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw windows (B, W, F) → (scores (B,), per-sensor contributions (B, F))."""
+        if len(windows) == 0:  # (a fixed-batch LiteRT graph cannot run an empty batch)
+            return np.zeros(0), np.zeros((0, len(self.manifest.features)), np.float32)
+        if self.head is not None:
+            s, contrib = self.head.run(np.ascontiguousarray(windows, np.float32))
+            return s.astype(np.float64), contrib
         if self.precision is not None:
             return self._score_mahal(windows)
         contrib = self.channel_errors(windows)
@@ -161,6 +172,18 @@ class Scorer:
             np.maximum(s, 0.0, out=s)
             np.log1p(s, out=s)
         return s, contrib
+
+
+def open_scorer(backend: str, bundle_dir: str | Path, manifest: Manifest, threads: int = 1,
+                quantization: str = "float32", check_golden: bool = True) -> Scorer:
+    """The bundle's VAE and, when the bundle has one in this format and quantisation, its fused
+    scorer graph, both opened with ``backend`` and proven on their golden vectors."""
+    vae = open_backend(backend, bundle_dir, manifest, "vae", threads, quantization, check_golden)
+    entry = manifest.models.get("scorer")
+    head = None
+    if entry is not None and any(f.quantization == quantization for f in entry.files.get(FORMAT[backend], [])):
+        head = open_backend(backend, bundle_dir, manifest, "scorer", threads, quantization, check_golden)
+    return Scorer(manifest, vae, head)
 
 
 class Smoother:

@@ -41,7 +41,7 @@ from agent.backends import Backend, open_backend
 from agent.classify import NORMAL, FaultClassifier, open_classifier
 from agent.manifest import BundleError, Manifest, load_manifest
 from agent.messages import iso_utc
-from agent.scoring import DeviceStream, Scorer
+from agent.scoring import DeviceStream, Scorer, open_scorer
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def selftest_bundle(bundle: str | Path, backend: str = "onnxruntime", per_class:
     m = load_manifest(path)
     if "generator" not in m.models:
         raise BundleError(NO_GENERATOR)
-    scorer = Scorer(m, open_backend(backend, path, m, threads=threads))
+    scorer = open_scorer(backend, path, m, threads=threads)
     generator = open_backend(backend, path, m, model="generator", threads=threads)
     classifier = open_classifier(backend, path, m, threads=threads)
     return run_selftest(m, scorer, generator, classifier, per_class, min_detected, seed, backend)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.backends import available, open_backend
+from agent.backends import available
 from agent.config import load_config
 from agent.manifest import load_manifest
 from agent.metrics import Metrics
 from agent.pipeline import Pipeline
-from agent.scoring import Scorer, score_rows
+from agent.scoring import Scorer, open_scorer, score_rows
 from agent.windowing import ffill, sliding_windows
 
 
@@ -38,7 +38,8 @@ def _windows(m, rows: np.ndarray, n: int) -> np.ndarray:
 
 
 def _bare_call(backend):
-    """The runtime's own call on pre-scaled input, without the agent's wrapper."""
+    """The runtime's own call on one batch, without the agent's wrapper (the fused scorer graph
+    takes raw windows, the VAE scaled ones)."""
     if backend.name == "onnxruntime":
         sess, name = backend._sess, backend._inputs[0]
         return lambda xs: sess.run(None, {name: xs})
@@ -53,6 +54,8 @@ def _bare_call(backend):
 
 
 def per_window_costs(bundle: Path, streams, batch: int = 64, quick: bool = True) -> dict:
+    """Scorer.score against the bare runtime call of the graph it runs, per variant; the bundle's
+    fused scorer graph (agent default) and the numpy score around the VAE graph, interleaved."""
     m = load_manifest(bundle)
     wins = _windows(m, streams.values[0], batch)
     rep, num = (5, 40) if quick else (7, 200)
@@ -66,15 +69,25 @@ def per_window_costs(bundle: Path, streams, batch: int = 64, quick: bool = True)
         else:
             out["int8_note"] = "the bundle has no dynamic_int8 TFLite files"
     for name, quant in variants:
-        be = open_backend(name, bundle, m, quantization=quant)
-        sc = Scorer(m, be)
-        xs = np.ascontiguousarray(sc.scale(wins))
-        bare = _bare_call(be)
-        t_bare = _best(lambda: bare(xs), rep, num)
-        t_score = _best(lambda: sc.score(wins), rep, num)
+        sc = open_scorer(name, bundle, m, quantization=quant)  # what the agent runs
+        numpy_sc = Scorer(m, sc.backend)  # the VAE graph with the score in numpy
+        xs = np.ascontiguousarray(numpy_sc.scale(wins))
+        bare = _bare_call(sc.head) if sc.head is not None else _bare_call(sc.backend)
+        bare_in = wins if sc.head is not None else xs
+        bare_vae = _bare_call(sc.backend)
+        t = {"bare": [], "score": [], "bare_vae": [], "numpy": []}
+        for _ in range(3):  # interleaved: drift hits every contender alike
+            t["bare"].append(_best(lambda: bare(bare_in), rep, num))
+            t["score"].append(_best(lambda: sc.score(wins), rep, num))
+            t["bare_vae"].append(_best(lambda: bare_vae(xs), rep, num))
+            t["numpy"].append(_best(lambda: numpy_sc.score(wins), rep, num))
+        t = {k: float(np.median(v)) for k, v in t.items()}
         out["variants"][f"{name}/{quant}"] = {
-            "bare_us_per_window": 1e6 * t_bare / batch, "scorer_us_per_window": 1e6 * t_score / batch,
-            "scorer_over_bare": t_score / t_bare,
+            "graph": "fused scorer" if sc.head is not None else "vae + numpy score",
+            "bare_us_per_window": 1e6 * t["bare"] / batch, "scorer_us_per_window": 1e6 * t["score"] / batch,
+            "scorer_over_bare": t["score"] / t["bare"],
+            "numpy_path_us_per_window": 1e6 * t["numpy"] / batch, "bare_vae_us_per_window": 1e6 * t["bare_vae"] / batch,
+            "numpy_path_over_bare_vae": t["numpy"] / t["bare_vae"],
         }
     out["flush"] = flush_cost(bundle, streams, batch, quick)
     ort = out["variants"]["onnxruntime/float32"]
@@ -89,7 +102,7 @@ def flush_cost(bundle: Path, streams, batch: int, quick: bool) -> dict:
     try:
         m = load_manifest(bundle)
         cfg = load_config(agent_id="bench", bundle=str(bundle), batching={"max_batch": batch, "max_latency_ms": 1e4})
-        p = Pipeline(cfg, Scorer(m, open_backend("onnxruntime", bundle, m)), Metrics(), lambda *a: None)
+        p = Pipeline(cfg, open_scorer("onnxruntime", bundle, m), Metrics(), lambda *a: None)
         msgs = messages(streams, batch, 60 if quick else 200)  # one row of each of `batch` devices, row after row
         t_flush, windows = 0.0, 0
         for i in range(0, len(msgs), batch):
@@ -116,9 +129,9 @@ def quantisation_quality(bundle: Path, streams) -> dict:
         return {"note": "LiteRT is not installed"}
     if not q:
         return {"note": "the bundle has no dynamic_int8 TFLite files"}
-    ref = Scorer(m, open_backend("onnxruntime", bundle, m))
-    f32 = Scorer(m, open_backend("litert", bundle, m))
-    i8 = Scorer(m, open_backend("litert", bundle, m, quantization="dynamic_int8"))
+    ref = open_scorer("onnxruntime", bundle, m)
+    f32 = open_scorer("litert", bundle, m)
+    i8 = open_scorer("litert", bundle, m, quantization="dynamic_int8")
     thr = m.threshold.value
     out = {}
     for label, sc in (("litert/float32", f32), ("litert/dynamic_int8", i8)):
@@ -155,7 +168,7 @@ def profile_pipeline(bundle: Path, streams, n_devices: int = 100, rows: int = 20
     try:
         m = load_manifest(bundle)
         cfg = load_config(agent_id="bench", bundle=str(bundle))
-        mk = lambda: Pipeline(cfg, Scorer(m, open_backend("onnxruntime", bundle, m)), Metrics(), lambda *a: None)  # noqa: E731
+        mk = lambda: Pipeline(cfg, open_scorer("onnxruntime", bundle, m), Metrics(), lambda *a: None)  # noqa: E731
         msgs = messages(streams, n_devices, rows)
         p = mk()
         t = time.perf_counter()

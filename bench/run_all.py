@@ -166,8 +166,13 @@ def table(res: dict) -> list[tuple[str, str, str, str]]:
     i = res.get("inference")
     if i:
         for k, v in i["variants"].items():
-            rows.append((f"inference {k}: Scorer.score vs bare runtime", f"{v['scorer_us_per_window']:.2f} vs {v['bare_us_per_window']:.2f} us/window = {v['scorer_over_bare']:.2f}x",
+            rows.append((f"inference {k}: Scorer.score vs bare runtime ({v.get('graph', 'vae + numpy score')})",
+                         f"{v['scorer_us_per_window']:.2f} vs {v['bare_us_per_window']:.2f} us/window = {v['scorer_over_bare']:.2f}x",
                          "<= 1.5x", ok(v["scorer_over_bare"] <= 1.5)))
+            if "numpy_path_us_per_window" in v:
+                rows.append((f"  same, numpy score around the bare VAE graph",
+                             f"{v['numpy_path_us_per_window']:.2f} vs {v['bare_vae_us_per_window']:.2f} us/window = "
+                             f"{v['numpy_path_over_bare_vae']:.2f}x", "", ""))
         f = i["flush"]
         rows.append(("Pipeline.flush (score+decide+metrics) vs bare ORT", f"{f['flush_us_per_window']:.2f} us/window = {f['flush_over_bare']:.1f}x", "", ""))
         if "int8_note" in i:

@@ -22,12 +22,13 @@ STREAM_ROWS = 3600
 def ensure_bundle(out: Path, log=print) -> Path:
     """Train (or reuse) the bench bundle: pump data, default fit options, int8 variants on.
 
-    A cached bundle is reused only when it was trained with today's fit options (a change of
-    defaults -- window, score, ensemble -- retrains it)."""
+    A cached bundle is reused only when it was trained with today's fit options and bundle
+    contents (a change of defaults -- window, score, ensemble -- or of the files fit writes
+    retrains it)."""
     from trainer.fit import FitOptions, fit
 
     opts = FitOptions(seed=0, progress=False, name="bench", version="bench", time_budget_s=30)
-    key = opts.model_dump_json()
+    key = opts.model_dump_json() + " +scorer"  # what fit writes changed too: the fused scorer graph
     bundle = out / "bundle"
     stamp = out / "bundle.fit-options.json"
     if (bundle / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == key:

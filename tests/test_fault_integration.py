@@ -108,7 +108,7 @@ def _feed(p: Pipeline, features, values, device: str = "pump-9") -> None:
 
 def test_fit_with_fault_column_writes_generator_classifier_report_and_metrics(fault_bundle):
     m = load_manifest(fault_bundle)
-    assert set(m.models) == {"vae", "generator", "classifier"}
+    assert set(m.models) == {"vae", "scorer", "generator", "classifier"}
     assert m.classes == sorted(FAULTS) + ["normal"] and m.latent_dim and m.latent_dim > 0
     t = m.training.metrics
     assert 0 < t["fault_gan_steps"] <= 400 and "fault_heldout_macro_f1_mlp_real" in t  # the time budget may cut it
@@ -131,7 +131,7 @@ def test_fit_skips_fault_models_with_one_line_warning_when_too_few_episodes(tmp_
     assert r.returncode == 0, r.stderr
     warn = [line for line in r.stderr.splitlines() if "skipping fault models" in line]
     assert len(warn) == 1 and "episodes" in warn[0]
-    assert set(load_manifest(tmp_path / "b").models) == {"vae"}
+    assert set(load_manifest(tmp_path / "b").models) == {"vae", "scorer"}
 
 
 # ------------------------------------------------------------------ alert payload, classifier on raise only

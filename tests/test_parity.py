@@ -13,7 +13,7 @@ import pytest
 
 from agent.backends import open_backend
 from agent.manifest import BundleError, load_manifest, sha256_file
-from agent.scoring import Scorer, score_rows
+from agent.scoring import Scorer, open_scorer, score_rows
 from bundle_factory import make, simulated
 from trainer.fit import scale_windows
 from trainer.vae import reconstruct
@@ -80,6 +80,31 @@ def test_scores_and_decisions_agree_on_a_stream(backends, manifest, stream):
     np.testing.assert_array_equal(out["onnxruntime"]["anomaly"], out["litert"]["anomaly"])
     np.testing.assert_array_equal(out["onnxruntime"]["anomaly"], ref["anomaly"])
     assert ref["anomaly"].any()  # the stream has a fault: the comparison covers both states
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
+def test_the_fused_scorer_graph_scores_and_decides_as_the_numpy_score_does(made, manifest, backends, stream, runtime):
+    """The bundle's fused graph (scaling, VAE, whitened score, contributions in one runtime call:
+    what the agent and `edge-trainer score` run) against the numpy score around the PyTorch VAE
+    (the reference calibration is made with): same scores, contributions and decisions."""
+    assert "scorer" in manifest.models
+    fused = open_scorer(runtime, made.bundle, manifest)
+    assert fused.head is not None
+    ref = score_rows(Scorer(manifest, backends["torch"]), stream)
+    got = score_rows(fused, stream)
+    np.testing.assert_allclose(got["score"], ref["score"], rtol=SCORE_RTOL, atol=1e-7)
+    np.testing.assert_allclose(got["contrib"], ref["contrib"], rtol=1e-3, atol=1e-4 * float(ref["contrib"].max()))
+    np.testing.assert_array_equal(got["anomaly"], ref["anomaly"])
+    assert ref["anomaly"].any()
+    wins = np.ascontiguousarray(sliding_windows(stream, manifest.window)[:3])
+    for n in (0, 1, 3):  # any batch size, the empty one included
+        s, c = fused.score(wins[:n])
+        assert s.shape == (n,) and s.dtype == np.float64 and c.shape == (n, len(manifest.features))
+
+
+def test_the_int8_variant_keeps_the_numpy_score(made, manifest):
+    sc = open_scorer("litert", made.bundle, manifest, quantization="dynamic_int8")
+    assert sc.head is None  # the whitening matrix is not quantised: int8 VAE, float score
 
 
 def test_int8_scores_close_to_float(made, manifest, stream):

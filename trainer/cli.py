@@ -202,17 +202,16 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
 
 def _score(a: argparse.Namespace, label: str | None = None):
-    from agent.backends import open_backend
     from agent.manifest import load_manifest
-    from agent.scoring import Scorer, score_rows
+    from agent.scoring import open_scorer, score_rows
     from trainer.data import load_csv
     from trainer.export import silenced
 
     manifest = load_manifest(a.bundle)
     with silenced():  # LiteRT announces its XNNPACK delegate on stderr
-        backend = open_backend(a.backend, a.bundle, manifest, threads=1)
+        scorer = open_scorer(a.backend, a.bundle, manifest, threads=1)  # what the agent opens: same numbers
     table = load_csv(a.csv, _csv_options(a, features=list(manifest.features), label=label))
-    res = score_rows(Scorer(manifest, backend), table.values)
+    res = score_rows(scorer, table.values)
     return manifest, table, res
 
 

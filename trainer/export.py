@@ -1,4 +1,5 @@
-"""Export the VAE to ONNX (dynamic batch) and TFLite (fixed batches), with golden vectors.
+"""Export the VAE to ONNX (dynamic batch) and TFLite (fixed batches), with golden vectors;
+and the fused scorer graph (scaling, VAE, score, contributions: :func:`scoring_head`) the same way.
 
 ONNX: one self-contained file (no external data), opset 18, input ``x``, output ``recon``.
 TFLite via litert-torch: graphs have a fixed batch, so batches 1, 8 and 64 are separate
@@ -177,3 +178,81 @@ def export_vae(model, bundle_dir: Path, golden_x: np.ndarray, int8: bool = True)
         tolerance=TOLERANCE,
     )
     return entry, times
+
+
+# ---------------------------------------------------------------- the fused scorer graph
+
+SCORER_INPUTS, SCORER_OUTPUTS = ["raw"], ["score", "contrib"]
+
+
+def scoring_head(model, manifest):
+    """The VAE wrapped with the agent's scaling and the manifest's score (agent.scoring.Scorer's
+    numpy path, op for op): raw windows (B, W, F) -> (score (B,), contributions (B, F)). One
+    runtime call instead of a dozen numpy calls around one (the model is ~1 us per window, so
+    those calls cost as much as the model). None for a score kind it does not cover."""
+    import torch
+    from torch import nn
+
+    from agent.scoring import CLIP
+
+    spec = manifest.score
+    if spec.kind not in ("vae_recon_mahal", "vae_recon_norm"):
+        return None
+
+    def const(v):
+        return torch.tensor(np.asarray(v, np.float64).astype(np.float32))
+
+    class ScoringHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = model
+            self.register_buffer("centre", const(manifest.scaler.centre))
+            self.register_buffer("inv_scale", const(1.0 / np.asarray(manifest.scaler.scale, np.float64)))
+            if spec.kind == "vae_recon_mahal":
+                self.register_buffer("weight", const(spec.precision))
+            else:
+                self.register_buffer("weight", const(1.0 / np.maximum(np.asarray(spec.channel_scale, np.float64), 1e-12)))
+            self.tail, self.mahal, self.log = spec.tail, spec.kind == "vae_recon_mahal", spec.transform == "log"
+
+        def forward(self, raw):
+            xs = torch.clamp((raw - self.centre) * self.inv_scale, -CLIP, CLIP)
+            d = self.vae(xs)[:, -self.tail:, :] - xs[:, -self.tail:, :]
+            if self.mahal:
+                terms = torch.mean(torch.matmul(d, self.weight) * d, dim=1)
+                score = torch.mean(terms, dim=1)
+                contrib = torch.relu(terms)
+            else:
+                contrib = torch.mean(d * d, dim=1) * self.weight
+                score = torch.mean(contrib, dim=1)
+            if self.log:
+                score = torch.log1p(torch.relu(score))
+            return score, contrib
+
+    return ScoringHead().eval()
+
+
+def export_scorer(head, bundle_dir: Path, golden_raw: np.ndarray, reference) -> ModelEntry:
+    """Write scorer.onnx, scorer_b{1,8,64}.tflite and scorer_golden.npz. The golden outputs are
+    ``reference(golden_raw)``: the agent's numpy path on the exported VAE, so the gateway proves
+    the fused graph computes what calibration computed. float32 only: the int8 variants keep the
+    numpy score around the int8 VAE (quantising the whitening matrix would bend the score)."""
+    _quiet_env()
+    bundle_dir = Path(bundle_dir)
+    shape = [tuple(golden_raw.shape[1:])]
+    export_onnx(head, bundle_dir / "scorer.onnx", shape, SCORER_INPUTS, SCORER_OUTPUTS)
+    files = [model_file(bundle_dir, "scorer.onnx")]
+    tfl = []
+    for b in TFLITE_BATCHES:
+        name = f"scorer_b{b}.tflite"
+        export_tflite(head, bundle_dir / name, b, shape)
+        tfl.append(model_file(bundle_dir, name, b))
+    raw = np.ascontiguousarray(golden_raw, dtype=np.float32)
+    score, contrib = reference(raw)
+    score, contrib = np.asarray(score, np.float32), np.asarray(contrib, np.float32)
+    np.savez(bundle_dir / "scorer_golden.npz", in_raw=raw, out_score=score, out_contrib=contrib)
+    # Absolute bound, like the VAE's, scaled to these outputs (scores of anomalous windows reach
+    # 1e3 and more; float32 kernels that differ in summation order agree to ~1e-6 relative).
+    tol = max(TOLERANCE, 1e-4 * float(max(np.abs(score).max(), np.abs(contrib).max())))
+    return ModelEntry(inputs=SCORER_INPUTS, outputs=SCORER_OUTPUTS, files={"onnx": files, "tflite": tfl},
+                      golden="scorer_golden.npz", golden_sha256=sha256_file(bundle_dir / "scorer_golden.npz"),
+                      tolerance=tol)

@@ -466,13 +466,14 @@ def fit_with_model(paths: list[str | Path], out_dir: str | Path, options: FitOpt
     t_start = time.monotonic()
     prep = prepare(paths, opts, csv)  # before the heavy imports: bad input fails fast
 
-    from trainer.export import export_vae, silenced
+    from trainer.export import export_scorer, export_vae, scoring_head, silenced
 
     model, train_metrics = train_detector(prep, opts)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("vae*"), *out.glob("generator*"), *out.glob("classifier*"), *out.glob("report/fault_*"),
+    for stale in [*out.glob("vae*"), *out.glob("scorer*"), *out.glob("generator*"), *out.glob("classifier*"),
+                  *out.glob("report/fault_*"),
                   out / MANIFEST_FILE]:  # no old file may survive next to the new manifest
         if stale.is_file():
             stale.unlink()
@@ -494,7 +495,16 @@ def fit_with_model(paths: list[str | Path], out_dir: str | Path, options: FitOpt
         training=Training(data_sha256=_data_sha(prep.paths), rows=sum(t.rows for t in prep.tables),
                           normal_rows=prep.normal_rows, seconds=0.0),
     )
-    manifest, cal_metrics = calibrate(draft, open_backend("onnxruntime", out, draft, threads=1), prep, opts)
+    vae_ort = open_backend("onnxruntime", out, draft, threads=1)
+    manifest, cal_metrics = calibrate(draft, vae_ort, prep, opts)
+    t_exp = time.monotonic()
+    head = scoring_head(model, manifest)
+    if head is not None:  # the fused graph, proven against the numpy score calibration used
+        golden_raw = _golden_raw(prep.cal_windows[gi], prep.scale)
+        scorer_entry = export_scorer(head, out, golden_raw, Scorer(manifest, vae_ort).score)
+        manifest = manifest.model_copy(update={"models": {**manifest.models, "scorer": scorer_entry}})
+    export_times["export_scorer_s"] = time.monotonic() - t_exp
+    export_s += export_times["export_scorer_s"]
     metrics = {
         **train_metrics, "train_windows": float(len(prep.x_train)), "val_windows": float(len(prep.x_val)),
         **cal_metrics, "export_seconds": export_s, **{k: float(v) for k, v in export_times.items()},
@@ -520,6 +530,19 @@ def fit_with_model(paths: list[str | Path], out_dir: str | Path, options: FitOpt
              "calibration false-alarm rate %.4f", loaded.name, loaded.version, out, time.monotonic() - t_start,
              train_metrics["train_seconds"], export_s, loaded.threshold.value, cal_metrics["calibration_false_alarm_rate"])
     return loaded, model
+
+
+def _golden_raw(normal: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Golden inputs of the fused scorer: normal windows, and the same windows with one sensor
+    off by 5 and by 50 scaler units over the newest rows (large scores; the second is clipped)."""
+    out = [normal]
+    W, F = normal.shape[1:]
+    for k in (5.0, 50.0):
+        bad = normal.copy()
+        for i in range(len(bad)):
+            bad[i, W // 2:, i % F] += k * scale[i % F]
+        out.append(bad)
+    return np.ascontiguousarray(np.concatenate(out), np.float32)
 
 
 def _false_alarm_rate(scores: list[np.ndarray], keep: list[np.ndarray], threshold: Threshold) -> float:
