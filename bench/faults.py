@@ -31,6 +31,7 @@ Tests call :func:`run_faults` and :func:`run_flood` with small parameters.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -335,13 +336,12 @@ def bad_payload(kind: str, s: Stream, i: int, features: list[str], rng: random.R
 
 def expected_alerts(bundle: Path, streams: list[Stream]) -> dict[str, list[tuple[str, str, float, int]]]:
     """Offline: each device's clean stream through score_rows → [(alert id, state, ts, row)]."""
-    from agent.backends import open_backend
     from agent.manifest import load_manifest
     from agent.messages import ModelRef, alert_id, iso_utc
-    from agent.scoring import Scorer, score_rows
+    from agent.scoring import open_scorer, score_rows
 
     m = load_manifest(bundle)
-    scorer = Scorer(m, open_backend("onnxruntime", bundle, m))
+    scorer = open_scorer("onnxruntime", bundle, m)
     model = ModelRef(name=m.name, version=m.version)
     out = {}
     for s in streams:
@@ -582,7 +582,10 @@ class _Monitor(threading.Thread):
         super().__init__(name="monitor", daemon=True)
         self.agent, self.period, self.metrics_every = agent, period, metrics_every
         self.stop_ev = threading.Event()
-        self.paused = threading.Event()  # set while we kill/restart on purpose
+        self.paused = threading.Event()  # set while we kill/restart on purpose (see pause())
+        # Held through one sample-and-poll: pause() waits for a poll under way, so a poll that began
+        # before a deliberate kill -9 cannot fail after it and count as the agent's failure.
+        self.lock = threading.Lock()
         self.polls = self.failures = 0
         self.max_s = 0.0
         self.last_metrics: dict[str, float] = {}
@@ -590,24 +593,37 @@ class _Monitor(threading.Thread):
     def run(self) -> None:
         last_poll = 0.0
         while not self.stop_ev.wait(self.period):
-            a = self.agent
-            a.sample()
-            if self.paused.is_set():
-                continue
-            if a.check_crash():
-                continue
-            now = time.monotonic()
-            if a.ready_at is None and a.alive and a.ready():  # e.g. after a restart the monitor made
-                a.ready_at = now
-            if now - last_poll >= self.metrics_every and a.alive and a.ready_at is not None:
-                last_poll = now
-                code, body, dt = a.http("/metrics", timeout=5.0)
-                self.polls += 1
-                self.max_s = max(self.max_s, dt)
-                if code != 200:
-                    self.failures += 1
-                else:
-                    self.last_metrics = parse_metrics(body)
+            with self.lock:
+                last_poll = self._tick(last_poll)
+
+    def _tick(self, last_poll: float) -> float:
+        a = self.agent
+        a.sample()
+        if self.paused.is_set() or a.check_crash():
+            return last_poll
+        now = time.monotonic()
+        if a.ready_at is None and a.alive and a.ready():  # e.g. after a restart the monitor made
+            a.ready_at = now
+        if now - last_poll >= self.metrics_every and a.alive and a.ready_at is not None:
+            last_poll = now
+            code, body, dt = a.http("/metrics", timeout=5.0)
+            self.polls += 1
+            self.max_s = max(self.max_s, dt)
+            if code != 200:
+                self.failures += 1
+            else:
+                self.last_metrics = parse_metrics(body)
+        return last_poll
+
+    @contextlib.contextmanager
+    def pause(self):
+        """No sampling or polling inside (a deliberate kill and restart)."""
+        with self.lock:
+            self.paused.set()
+        try:
+            yield
+        finally:
+            self.paused.clear()
 
 
 def _quiesce(agent: Agent, timeout: float, still: float = 2.0) -> bool:
@@ -772,9 +788,8 @@ def run_faults(seconds: float = 40.0, devices: int = 6, rate: float = 20.0, seed
                 next_broker = time.monotonic() + rng.uniform(*broker_kill_every)
                 log(f"  [{time.monotonic() - t_start:5.1f}s] broker kill -9 #{broker.kills}, restarted")
             elif kind == "agent":
-                monitor.paused.set()
-                agent.kill9()
-                monitor.paused.clear()
+                with monitor.pause():
+                    agent.kill9()
                 if not agent.wait_ready(60):
                     raise RuntimeError(f"agent did not come back after kill -9; see {agent.log}")
                 next_agent = time.monotonic() + rng.uniform(*agent_kill_every)
