@@ -22,7 +22,7 @@ def test_defaults():
     assert c.mqtt.host == "127.0.0.1" and c.mqtt.port == 1883 and c.mqtt.protocol == "5"
     assert c.topics.telemetry == ["factory/+/{device}/telemetry"]
     assert c.topics.alerts == "edgewatch/alerts/{device}" and c.topics.format == "json"
-    assert c.batching.max_batch == 64 and c.batching.max_latency_ms == 5
+    assert c.batching.max_batch == 64 and c.batching.max_latency_ms == 2
     assert c.queue.max_messages == 10000 and c.max_devices == 10000
     assert c.metrics.port == 9108 and c.metrics.host == "127.0.0.1"
     assert c.state_dir == Path("state") and c.backend == "onnxruntime" and c.threads == 1
