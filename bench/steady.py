@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -64,24 +65,53 @@ def histogram_quantiles(text: str, name: str, labels: str, qs=(0.5, 0.99)) -> di
 
 
 class AlertWatch:
-    """Subscribes to alerts; records arrival time per (device, ts) on the bench clock."""
+    """Subscribes to alerts in a process of its own (``python -m bench.steady watch``) and records
+    arrival time per (device, ts) on the bench clock. Its own process: in the publisher's, the
+    subscriber's network thread waited for the GIL behind the publishing loop, and that wait
+    (up to ~25 ms, instrumented) was counted as the agent's latency."""
 
     def __init__(self, broker: Mosquitto, topic: str = "edgewatch/alerts/#"):
         self.got: dict[tuple[str, str], float] = {}
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-alerts-{os.getpid()}")
-        self.c.on_message = self._on
-        self.c.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
-        self.c.connect(broker.host, broker.port)
-        self.c.loop_start()
+        self._off = time.time() - time.perf_counter()  # epoch -> this process's perf_counter
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.steady", "watch", broker.host, str(broker.port), topic],
+                                     cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "subscribed":
+            raise RuntimeError("alert watcher did not subscribe")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    def _on(self, c, u, msg):
-        t = time.perf_counter()
-        a = json.loads(msg.payload)
-        self.got[(a["device"], a["ts"])] = t
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            device, ts, t = line.rstrip("\n").split("\t")
+            self.got[(device, ts)] = float(t) - self._off
 
     def close(self):
-        self.c.disconnect()
-        self.c.loop_stop()
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._reader.join(5)
+
+
+def _watch(host: str, port: int, topic: str) -> None:
+    """The watcher process: one line per alert, device TAB ts TAB arrival (epoch s)."""
+    subscribed = threading.Event()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-alerts-{os.getpid()}")
+
+    def on_message(c, u, msg):
+        t = time.time()
+        a = json.loads(msg.payload)
+        sys.stdout.write(f"{a['device']}\t{a['ts']}\t{t!r}\n")
+        sys.stdout.flush()
+    c.on_message = on_message
+    c.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.connect(host, port)
+    c.loop_start()
+    if not subscribed.wait(10):
+        sys.exit(1)
+    print("subscribed", flush=True)
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    while True:
+        time.sleep(3600)
 
 
 def iso(ts: float) -> str:
@@ -227,3 +257,7 @@ def run_steady(broker: Mosquitto, bundle: Path, workdir: Path, features: list[st
             proc.kill()
             proc.wait()
         errlog.close()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["watch"]:
+    _watch(sys.argv[2], int(sys.argv[3]), sys.argv[4])
