@@ -28,14 +28,16 @@ class AlertState:
         self._above = 0
         self._below = 0
 
-    def update(self, score: float) -> Event | None:
+    def update(self, score: float, clear_score: float | None = None) -> Event | None:
+        """``clear_score``: what an active alert's clearing compares with the clear level (None = ``score``)."""
         if not self.active:
             self._above = self._above + 1 if score > self.value else 0
             if self._above >= self.raise_after:
                 self.active, self._above, self._below = True, 0, 0
                 return Event.RAISED
         else:
-            self._below = self._below + 1 if score <= self.clear_level else 0
+            c = score if clear_score is None else clear_score
+            self._below = self._below + 1 if c <= self.clear_level else 0
             if self._below >= self.clear_after:
                 self.active, self._above, self._below = False, 0, 0
                 return Event.CLEARED

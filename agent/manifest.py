@@ -80,6 +80,11 @@ class Threshold(_Strict):
     )
     raise_after: int = Field(1, ge=1, description="Consecutive scores above threshold before raising.")
     clear_after: int = Field(3, ge=1, description="Consecutive scores below the clear level before clearing.")
+    clear_smoothing: int | None = Field(
+        None, ge=1, description="An active alert clears on the moving average of only the newest this-many scores "
+        "(at most the score's smoothing) being below the clear level: the end of an anomaly is seen without the "
+        "whole smoothing lag. None = the smoothed score itself (bundles before this field).",
+    )
 
     @model_validator(mode="after")
     def _finite(self) -> "Threshold":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
@@ -198,6 +199,11 @@ class Smoother:
         self._q.append(float(s))
         return sum(self._q) / len(self._q)
 
+    def recent(self, k: int) -> float:
+        """Mean of the newest ``k`` scores (all of them when fewer): the same queue, no extra state."""
+        n = min(k, len(self._q))
+        return sum(islice(reversed(self._q), n)) / n
+
 
 @dataclass(slots=True)
 class Decision:
@@ -209,7 +215,7 @@ class Decision:
 class DeviceStream:
     """Causal per-device state: the window buffer, score smoothing and the alert state."""
 
-    __slots__ = ("window", "smoother", "alert", "rows", "since_scored", "stride")
+    __slots__ = ("window", "smoother", "alert", "rows", "since_scored", "stride", "clear_n")
 
     def __init__(self, manifest: Manifest):
         self.window = RingWindow(manifest.window, len(manifest.features), np.asarray(manifest.scaler.centre, np.float32))
@@ -218,6 +224,9 @@ class DeviceStream:
         self.rows = 0
         self.since_scored = 0
         self.stride = manifest.stride
+        cs = manifest.threshold.clear_smoothing
+        # Clearing on a shorter average of the same scores (a suffix of the smoother's queue).
+        self.clear_n = cs if cs is not None and cs < manifest.score.smoothing else None
 
     def push(self, row: np.ndarray) -> bool:
         """Add a row; True when a window is due for scoring."""
@@ -239,7 +248,8 @@ class DeviceStream:
 
     def decide(self, raw_score: float) -> Decision:
         s = self.smoother(raw_score)
-        ev = self.alert.update(s)
+        ev = self.alert.update(s, None if self.clear_n is None or not self.alert.active
+                               else self.smoother.recent(self.clear_n))
         return Decision(s, self.alert.active, ev)
 
 

@@ -84,11 +84,11 @@ def _smooth(s: np.ndarray, n: int) -> np.ndarray:
     return (c[i + 1] - c[lo]) / (i + 1 - lo)
 
 
-def _alert(scores: np.ndarray, thr: Threshold) -> np.ndarray:
+def _alert(scores: np.ndarray, thr: Threshold, clear_scores: np.ndarray | None = None) -> np.ndarray:
     st = AlertState(thr)
     out = np.empty(len(scores), bool)
     for i, v in enumerate(scores):
-        st.update(float(v))
+        st.update(float(v), None if clear_scores is None or not st.active else float(clear_scores[i]))
         out[i] = st.active
     return out
 
@@ -102,11 +102,13 @@ def baseline_decide(kind: str, case: Case, opts: FitOptions) -> dict:
                            else model.score(case.train.astype(np.float64))), opts.smoothing)[cut:]
     value = _pot_threshold(cal, opts.pot_risk) if opts.threshold_method == "pot" else \
         _threshold_value(cal, opts.quantile, opts.margin)
+    cs = opts.clear_smoothing if opts.clear_smoothing is not None and opts.clear_smoothing < opts.smoothing else None
     thr = Threshold(value=value, method="bench", raise_after=opts.raise_after, clear_after=opts.clear_after,
-                    clear_ratio=opts.clear_ratio)
+                    clear_ratio=opts.clear_ratio, clear_smoothing=cs)
     raw = model.score(case.test.astype(np.float64))
-    s = _smooth(np.log1p(np.maximum(raw, 0)) if kind == "pca_t2q" else raw, opts.smoothing)
-    return {"score": s, "pred": _alert(s, thr), "threshold": value}
+    t = np.log1p(np.maximum(raw, 0)) if kind == "pca_t2q" else raw
+    s = _smooth(t, opts.smoothing)
+    return {"score": s, "pred": _alert(s, thr, None if cs is None else _smooth(t, cs)), "threshold": value}
 
 
 def pooled(cases: list[Case], results: list[dict]) -> dict:
@@ -135,7 +137,9 @@ def run_suite(quick: bool = False, ablate: bool = True, sets: dict | None = None
         "smoothing=3": dict(smoothing=3), "smoothing=10": dict(smoothing=10),
         "raise_after=2": dict(raise_after=2), "clear_after=3": dict(clear_after=3), "clear_after=30": dict(clear_after=30),
         "clear_ratio=0.7": dict(clear_ratio=0.7), "threshold=pot(1e-3)": dict(threshold_method="pot"),
-        "margin=1": dict(margin=1.0), "margin=3": dict(margin=3.0), "quantile=0.999": dict(quantile=0.999),
+        "margin=1": dict(margin=1.0), "margin=2": dict(margin=2.0), "quantile=0.999": dict(quantile=0.999),
+        "clear_smoothing=off": dict(clear_smoothing=None),
+        "margin=2, clear_smoothing=off (previous defaults)": dict(margin=2.0, clear_smoothing=None),
         "tail=window//4": dict(tail=-4), "window=4 (retrained)": dict(window=4),
     } if ablate else {}
     abl_results: dict[str, dict[str, list]] = {k: {} for k in ablations}

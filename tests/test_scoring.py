@@ -105,3 +105,35 @@ def test_one_scorer_serves_score_and_channel_errors_in_any_order(tiny):
     s2, _ = sc.score(x[:4])
     np.testing.assert_allclose(e.mean(axis=1), s1, rtol=1e-6)
     np.testing.assert_allclose(s2, s1[:4], rtol=1e-6)
+
+
+def _decisions(m: Manifest, scores: list[float]) -> list[bool]:
+    from agent.scoring import DeviceStream
+
+    st = DeviceStream(m)
+    return [st.decide(s).anomaly for s in scores]
+
+
+def test_clear_smoothing_ends_an_alert_without_the_whole_smoothing_lag(tiny):
+    from agent.manifest import Threshold
+
+    m, _ = tiny
+    base = m.model_copy(update={"score": ScoreSpec(kind="vae_recon_mse", tail=W, smoothing=10, transform="none"),
+                                "threshold": Threshold(value=1.0, method="test", clear_ratio=0.9, raise_after=1,
+                                                       clear_after=3)})
+    fast = base.model_copy(update={"threshold": base.threshold.model_copy(update={"clear_smoothing": 2})})
+    scores = [0.0] * 5 + [5.0] * 20 + [0.0] * 20
+    slow_d, fast_d = _decisions(base, scores), _decisions(fast, scores)
+    # Raising is the smoothed score's alone: identical (the mean of 6 scores is 5/6, of 7 above 1).
+    assert slow_d.index(True) == fast_d.index(True) == 6
+    # Clearing (3 scores in a row at or below 0.9): the 10-score mean gets there at the 9th zero, so the alert
+    # clears at the 11th; the mean of the newest 2 at the 2nd zero, cleared at the 4th.
+    assert slow_d[25:].index(False) == 10
+    assert fast_d[25:].index(False) == 3
+    # A bundle without the field (older trainer) or with clear_smoothing >= smoothing decides as before.
+    assert base.threshold.clear_smoothing is None
+    same = base.model_copy(update={"threshold": base.threshold.model_copy(update={"clear_smoothing": 10})})
+    assert _decisions(same, scores) == slow_d
+    old = Manifest.model_validate({**base.model_dump(), "threshold": {k: v for k, v in base.threshold.model_dump().items()
+                                                                      if k != "clear_smoothing"}})
+    assert _decisions(old, scores) == slow_d

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"threshold = q + margin*(q - median) of calibration scores (default {d['margin']:g})")
     m.add_argument("--raise-after", type=int, default=d["raise_after"], metavar="N",
                    help=f"consecutive scores above the threshold before an alert (default {d['raise_after']})")
+    m.add_argument("--clear-smoothing", type=int, default=d["clear_smoothing"], metavar="N",
+                   help="an alert clears on the mean of the newest N scores (0 or >= --smoothing: on the smoothed "
+                   f"score; default {d['clear_smoothing']})")
     m.add_argument("--no-int8", action="store_true", help="skip the int8 TFLite variants")
     m.add_argument("--gan-steps", type=int, default=d["gan_steps"], metavar="N",
                    help=f"GAN training steps for the fault models, with --fault-col (default {d['gan_steps']})")
@@ -184,7 +187,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
             time_budget_s=a.time_budget, tail=a.tail, ensemble=a.ensemble, score_kind=a.score_kind,
             smoothing=a.smoothing,
             quantile=a.quantile, margin=a.margin,
-            raise_after=a.raise_after,
+            raise_after=a.raise_after, clear_smoothing=a.clear_smoothing or None,
             int8=not a.no_int8, name=a.name, version=a.version, progress=not a.quiet, gan_steps=a.gan_steps,
         )
     except ValidationError as e:
