@@ -28,15 +28,19 @@ class AlertState:
         self._above = 0
         self._below = 0
 
-    def update(self, score: float, clear_score: float | None = None) -> Event | None:
-        """``clear_score``: what an active alert's clearing compares with the clear level (None = ``score``)."""
+    def update(self, score: float, recent: float | None = None) -> Event | None:
+        """``recent``: a shorter average of the same scores (Threshold.clear_smoothing), or None.
+        With it, an active alert clears on ``recent`` alone (the end of an anomaly is seen without
+        the whole smoothing lag), and raising needs both above the threshold: else the lagging
+        ``score`` would raise an alert again right after ``recent`` cleared it."""
         if not self.active:
-            self._above = self._above + 1 if score > self.value else 0
+            s = score if recent is None else min(score, recent)
+            self._above = self._above + 1 if s > self.value else 0
             if self._above >= self.raise_after:
                 self.active, self._above, self._below = True, 0, 0
                 return Event.RAISED
         else:
-            c = score if clear_score is None else clear_score
+            c = score if recent is None else recent
             self._below = self._below + 1 if c <= self.clear_level else 0
             if self._below >= self.clear_after:
                 self.active, self._above, self._below = False, 0, 0

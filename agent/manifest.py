@@ -83,7 +83,9 @@ class Threshold(_Strict):
     clear_smoothing: int | None = Field(
         None, ge=1, description="An active alert clears on the moving average of only the newest this-many scores "
         "(at most the score's smoothing) being below the clear level: the end of an anomaly is seen without the "
-        "whole smoothing lag. None = the smoothed score itself (bundles before this field).",
+        "whole smoothing lag; raising then needs both that average and the smoothed score above the threshold (the "
+        "lagging smoothed score alone would raise a just-cleared alert again). None = the smoothed score alone "
+        "(bundles before this field).",
     )
 
     @model_validator(mode="after")

@@ -248,8 +248,7 @@ class DeviceStream:
 
     def decide(self, raw_score: float) -> Decision:
         s = self.smoother(raw_score)
-        ev = self.alert.update(s, None if self.clear_n is None or not self.alert.active
-                               else self.smoother.recent(self.clear_n))
+        ev = self.alert.update(s, None if self.clear_n is None else self.smoother.recent(self.clear_n))
         return Decision(s, self.alert.active, ev)
 
 

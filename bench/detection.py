@@ -88,7 +88,7 @@ def _alert(scores: np.ndarray, thr: Threshold, clear_scores: np.ndarray | None =
     st = AlertState(thr)
     out = np.empty(len(scores), bool)
     for i, v in enumerate(scores):
-        st.update(float(v), None if clear_scores is None or not st.active else float(clear_scores[i]))
+        st.update(float(v), None if clear_scores is None else float(clear_scores[i]))
         out[i] = st.active
     return out
 

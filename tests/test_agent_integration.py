@@ -442,9 +442,9 @@ def vae_bundle(tmp_path_factory):
 @pytest.mark.parametrize("backend", ["onnxruntime", "litert"])
 def test_trained_vae_bundle_end_to_end_matches_offline_scoring(tmp_path, broker, vae_bundle, prefix, backend):
     """A trained VAE bundle, through mosquitto, decides exactly what offline score_rows decides."""
-    from agent.backends import available, open_backend
+    from agent.backends import available
     from agent.manifest import load_manifest
-    from agent.scoring import Scorer, score_rows
+    from agent.scoring import open_scorer, score_rows
     from bundle_factory import simulated
 
     if backend not in available():
@@ -453,14 +453,15 @@ def test_trained_vae_bundle_end_to_end_matches_offline_scoring(tmp_path, broker,
     _, faulty, _ = simulated(400, 0, fault=(200, 300))
     data = {"pump-ok": normal, "pump-bad": faulty}
     m = load_manifest(vae_bundle)
-    offline = Scorer(m, open_backend(backend, vae_bundle, m))
+    offline = open_scorer(backend, vae_bundle, m)  # what edge-trainer score runs
     expected = {}
     for dev, rows in data.items():
         a = score_rows(offline, rows)["anomaly"]
         edges = np.flatnonzero(np.diff(np.concatenate([[0], a])))
         expected[dev] = [("raised" if a[t] else "cleared", t) for t in edges]
-    assert expected["pump-ok"] == [] and [s for s, _ in expected["pump-bad"]] == ["raised", "cleared"]
-    assert 200 <= expected["pump-bad"][0][1] < 300  # raised inside the fault, cleared after it
+    bad = expected["pump-bad"]
+    assert expected["pump-ok"] == [] and bad and [s for s, _ in bad] == ["raised", "cleared"] * (len(bad) // 2)
+    assert 200 <= bad[0][1] < 300  # raised inside the fault (and cleared after it)
 
     app = App(agent_config(tmp_path, broker, vae_bundle, prefix, backend=backend)).start()
     sub = Collector(broker, f"{prefix}/alerts/#")
@@ -475,10 +476,10 @@ def test_trained_vae_bundle_end_to_end_matches_offline_scoring(tmp_path, broker,
         for i in infos:
             i.wait_for_publish(10)
         wait_until(lambda: app.metrics.registry.get_sample_value("edgewatch_windows_scored_total") == 800, what="scored")
-        sub.wait(lambda ms: len(ms) == 2)
+        sub.wait(lambda ms: len(ms) == len(bad))
         got = [(a["state"], round(_epoch(a["ts"]) - T0)) for a in sub.alerts(prefix)]
-        assert [a["device"] for a in sub.alerts(prefix)] == ["pump-bad", "pump-bad"]
-        assert got == expected["pump-bad"]
+        assert [a["device"] for a in sub.alerts(prefix)] == ["pump-bad"] * len(bad)
+        assert got == bad
         assert sub.alerts(prefix)[0]["model"] == {"name": m.name, "version": m.version}
     finally:
         pub.loop_stop()

@@ -137,3 +137,21 @@ def test_clear_smoothing_ends_an_alert_without_the_whole_smoothing_lag(tiny):
     old = Manifest.model_validate({**base.model_dump(), "threshold": {k: v for k, v in base.threshold.model_dump().items()
                                                                       if k != "clear_smoothing"}})
     assert _decisions(old, scores) == slow_d
+
+
+def test_an_alert_cleared_on_the_short_mean_is_not_raised_again_by_the_lagging_long_one(tiny):
+    """Regression: the alert cleared on the newest scores' mean while the long mean still stood above
+    the threshold, and the next score raised it again (a raised/cleared pair one row apart, seen on a
+    simulated cavitation). With clear_smoothing, raising needs both means above the threshold."""
+    from agent.manifest import Threshold
+
+    m, _ = tiny
+    m = m.model_copy(update={"score": ScoreSpec(kind="vae_recon_mse", tail=W, smoothing=10, transform="none"),
+                             "threshold": Threshold(value=1.0, method="test", clear_ratio=0.9, raise_after=1,
+                                                    clear_after=3, clear_smoothing=2)})
+    scores = [0.0] * 5 + [5.0] * 20 + [0.0] * 20  # the 10-mean stays above 1 for 8 zeros
+    d = _decisions(m, scores)
+    edges = [i for i in range(1, len(d)) if d[i] != d[i - 1]]
+    assert edges == [6, 28]  # one raise, one clear: no second raise while the long mean lags
+    # a rise is seen as soon as before: the short mean rises first, the long mean decides
+    assert _decisions(m, [0.0] * 5 + [5.0] * 3)[5:] == [False, True, True]
