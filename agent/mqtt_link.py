@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import ssl
 import struct
 import sys
@@ -77,7 +78,18 @@ def make_client(cfg: AgentConfig, client_id: str, persistent: bool) -> mqtt.Clie
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(f"mqtt.tls: cannot load certificates: {e}") from None
         client.tls_insecure_set(m.tls.insecure)
+    client.on_socket_open = _no_delay
     return client
+
+
+def _no_delay(client, userdata, sock) -> None:
+    """TCP_NODELAY on each new connection (paho leaves Nagle's algorithm on). Alerts and chunks of
+    PUBACKs are small writes: with Nagle, one waited for the broker's delayed ACK of the previous
+    one (bench: most of a 10 ms median publish-to-alert time at 1,000 msg/s)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):  # not a TCP socket (a websocket wrapper, a unix socket)
+        pass
 
 
 def _connect_args(cfg: AgentConfig, persistent: bool, receive_maximum: int | None = None) -> dict:

@@ -45,7 +45,8 @@ class Mosquitto:
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false",
-                 "max_queued_messages 2000000", "max_queued_bytes 0", f"log_dest file {workdir}/mosquitto.log"]
+                 "max_queued_messages 2000000", "max_queued_bytes 0", "set_tcp_nodelay true",
+                 f"log_dest file {workdir}/mosquitto.log"]
         if max_inflight is not None:
             lines.append(f"max_inflight_messages {max_inflight}")
         if os.geteuid() == 0:
