@@ -246,6 +246,14 @@ class Checkpointer:
         """Return once every checkpoint taken so far is written and acknowledged."""
         self._jobs.join()
 
+    def _failed(self, fmt: str, e: Exception) -> None:
+        self.failures += 1
+        self.p.metrics.checkpoint_failures.inc()
+        now = self.clock()
+        if now - self._last_error >= 60.0:
+            self._last_error = now
+            log.error(fmt, e)
+
     def _write_loop(self) -> None:
         while True:
             meta, snaps, full, progress = self._jobs.get()
@@ -256,16 +264,14 @@ class Checkpointer:
                     if i % 64 == 63:
                         time.sleep(0)  # let the pipeline thread have the GIL between slices of this work
                 self.store.save(meta, rows, replace_all=full)
+            except Exception as e:  # sqlite3.Error mostly; whatever it is, this thread must go on
+                self._rewrite = True
+                self._failed("cannot write the state checkpoint (%s); acknowledging telemetry anyway", e)
+            try:  # even when the state could not be saved: the alerts still must be on disk first
                 if self.durable is not None:
                     self.durable()
-            except Exception as e:  # sqlite3.Error or OSError mostly; whatever it is, this thread must go on
-                self.failures += 1
-                self.p.metrics.checkpoint_failures.inc()
-                self._rewrite = True
-                now = self.clock()
-                if now - self._last_error >= 60.0:
-                    self._last_error = now
-                    log.error("cannot write the state checkpoint (%s); acknowledging telemetry anyway", e)
+            except Exception as e:  # OSError: a disk error
+                self._failed("cannot flush the alert outbox to disk (%s); acknowledging telemetry anyway", e)
             try:
                 if self.ack is not None:
                     self.ack(progress)
