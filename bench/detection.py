@@ -25,7 +25,8 @@ from agent.manifest import Manifest, ModelEntry, Scaler, ScoreSpec, Threshold, T
 from agent.scoring import Scorer, score_rows
 from bench.baselines import BASELINES
 from bench.scenarios import Case, scenario_sets
-from trainer.fit import FitOptions, _pot_threshold, _threshold_value, calibrate, prepare, train_detector
+from trainer.fit import (FitOptions, _pot_threshold, _threshold_value, calibrate, decision_threshold, prepare,
+                         train_detector)
 from trainer.metrics import confusion, detection_delays, rates
 
 
@@ -102,9 +103,8 @@ def baseline_decide(kind: str, case: Case, opts: FitOptions) -> dict:
                            else model.score(case.train.astype(np.float64))), opts.smoothing)[cut:]
     value = _pot_threshold(cal, opts.pot_risk) if opts.threshold_method == "pot" else \
         _threshold_value(cal, opts.quantile, opts.margin)
-    cs = opts.clear_smoothing if opts.clear_smoothing is not None and opts.clear_smoothing < opts.smoothing else None
-    thr = Threshold(value=value, method="bench", raise_after=opts.raise_after, clear_after=opts.clear_after,
-                    clear_ratio=opts.clear_ratio, clear_smoothing=cs)
+    thr = decision_threshold(value, "bench", opts)
+    cs = thr.clear_smoothing
     raw = model.score(case.test.astype(np.float64))
     t = np.log1p(np.maximum(raw, 0)) if kind == "pca_t2q" else raw
     s = _smooth(t, opts.smoothing)

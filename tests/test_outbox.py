@@ -113,7 +113,7 @@ def test_put_many_is_all_or_nothing(tmp_path):
     ob.close()
 
 
-def _fsynced(monkeypatch) -> list[str]:
+def fsynced(monkeypatch) -> list[str]:
     """The files os.fsync flushes from now on (the real fsync still runs)."""
     paths, real = [], os.fsync
 
@@ -129,7 +129,7 @@ def test_puts_are_flushed_by_sync_and_acks_and_purges_never(tmp_path, monkeypatc
     log once for every put before it, and does nothing when no put came since. Acknowledging or
     purging, which a power cut may undo at the cost of one repeat, is never flushed."""
     ob = Outbox(tmp_path / "o.sqlite")
-    flushed = _fsynced(monkeypatch)
+    flushed = fsynced(monkeypatch)
     commits = _Commits(ob._db)
     a, b = ob.put_many([("t", b"1", None), ("t", b"2", None)])
     ob.put("t", b"3")

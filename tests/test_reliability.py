@@ -236,10 +236,9 @@ def test_alerts_are_on_disk_before_the_telemetry_behind_them_is_acknowledged(tmp
     checkpointer flushes it (Outbox.sync) before acknowledging the telemetry it was decided from.
     So a power cut either keeps the alert, or loses telemetry the broker still holds and
     redelivers, and the restarted agent decides the same alert again."""
-    import os
+    from test_outbox import fsynced
 
-    flushed, real_fsync = [], os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    flushed = fsynced(monkeypatch)
     outbox = Outbox(tmp_path / "outbox.sqlite")
     cfg = load_config(agent_id="gw", bundle=str(bundle), state_dir=str(tmp_path),
                       topics={"telemetry": ["factory/+/{device}/telemetry"]}, batching={"max_batch": 4, "max_latency_ms": 0})

@@ -350,14 +350,8 @@ def calibrate(manifest: Manifest, backend, prep: Prepared, opts: FitOptions) -> 
     else:
         value = _threshold_value(cal, opts.quantile, opts.margin)
         how = f"q{opts.quantile:g} + {opts.margin:g}*(q{opts.quantile:g} - median)"
-    threshold = Threshold(
-        value=value,
-        method=f"{how} of {len(cal)} smoothed scores "
-               f"on held-out normal calibration rows (last {opts.calibration_fraction:.0%} of each file's normal rows)",
-        raise_after=opts.raise_after, clear_after=opts.clear_after, clear_ratio=opts.clear_ratio,
-        clear_smoothing=None if opts.clear_smoothing is None or opts.clear_smoothing >= opts.smoothing
-        else opts.clear_smoothing,
-    )
+    threshold = decision_threshold(value, f"{how} of {len(cal)} smoothed scores on held-out normal calibration "
+                                   f"rows (last {opts.calibration_fraction:.0%} of each file's normal rows)", opts)
     final = scored.model_copy(update={"threshold": threshold})
     metrics = {
         "calibration_rows": float(len(cal)),
@@ -543,6 +537,14 @@ def fit_with_model(paths: list[str | Path], out_dir: str | Path, options: FitOpt
              "calibration false-alarm rate %.4f", loaded.name, loaded.version, out, time.monotonic() - t_start,
              train_metrics["train_seconds"], export_s, loaded.threshold.value, cal_metrics["calibration_false_alarm_rate"])
     return loaded, model
+
+
+def decision_threshold(value: float, method: str, opts: FitOptions) -> Threshold:
+    """The manifest's decision rule: ``value`` with fit's hysteresis and debounce options
+    (clear_smoothing stored only when shorter than the score's smoothing: else it changes nothing)."""
+    cs = opts.clear_smoothing
+    return Threshold(value=value, method=method, raise_after=opts.raise_after, clear_after=opts.clear_after,
+                     clear_ratio=opts.clear_ratio, clear_smoothing=cs if cs is not None and cs < opts.smoothing else None)
 
 
 def _golden_raw(normal: np.ndarray, scale: np.ndarray) -> np.ndarray:
