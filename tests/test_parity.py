@@ -16,23 +16,11 @@ from agent.manifest import BundleError, load_manifest, sha256_file
 from agent.scoring import Scorer, open_scorer, score_rows
 from bundle_factory import make, simulated
 from trainer.fit import scale_windows
-from trainer.vae import reconstruct
+from trainer.vae import TorchBackend
 from agent.windowing import sliding_windows
 
 RECON_ATOL = 1e-4
 SCORE_RTOL = 1e-4
-
-
-class TorchBackend:
-    """The PyTorch model behind the agent's Backend protocol: the reference."""
-
-    name = "torch"
-
-    def __init__(self, model):
-        self.model = model
-
-    def run(self, x):
-        return [reconstruct(self.model, x)]
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--clear-smoothing", type=int, default=d["clear_smoothing"], metavar="N",
                    help="an alert clears on the mean of the newest N scores (0 or >= --smoothing: on the smoothed "
                    f"score; default {d['clear_smoothing']})")
+    m.add_argument("--no-refit", action="store_true", help="ship the model trained on the training rows only (default: "
+                   "after calibration, train again on every normal row, the newest included, and ship that)")
     m.add_argument("--no-int8", action="store_true", help="skip the int8 TFLite variants")
     m.add_argument("--gan-steps", type=int, default=d["gan_steps"], metavar="N",
                    help=f"GAN training steps for the fault models, with --fault-col (default {d['gan_steps']})")
@@ -188,7 +190,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
             smoothing=a.smoothing,
             quantile=a.quantile, margin=a.margin,
             raise_after=a.raise_after, clear_smoothing=a.clear_smoothing or None,
-            int8=not a.no_int8, name=a.name, version=a.version, progress=not a.quiet, gan_steps=a.gan_steps,
+            refit=not a.no_refit, int8=not a.no_int8, name=a.name, version=a.version, progress=not a.quiet, gan_steps=a.gan_steps,
         )
     except ValidationError as e:
         err = e.errors()[0]

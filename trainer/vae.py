@@ -184,3 +184,17 @@ def reconstruct(model: WindowVAE, x: np.ndarray, batch: int = 1024) -> np.ndarra
         for a in range(0, len(x), batch):
             out.append(model(torch.from_numpy(np.ascontiguousarray(x[a:a + batch], dtype=np.float32))).numpy())
     return np.concatenate(out) if out else np.zeros_like(x, dtype=np.float32)
+
+
+class TorchBackend:
+    """A PyTorch model behind the agent's Backend protocol (float32, same maths as the exported graphs):
+    fit calibrates its first-stage model through it without exporting that model, and the parity
+    tests use it as the reference."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        return [reconstruct(self.model, x)]
