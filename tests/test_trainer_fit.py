@@ -147,6 +147,27 @@ def test_ensemble_reconstruction_is_the_members_mean():
     assert (ens.window, ens.n_features) == (8, 3)
 
 
+def test_refit_ships_a_model_trained_on_every_normal_row_calibrated_on_the_held_out_one(tmp_path):
+    """The shipped VAE has also learnt the calibration rows (the newest history); the held-out one
+    has not, and it is the one the whitening and threshold come from. --no-refit ships that one."""
+    import torch
+
+    from trainer.fit import prepare, scale_windows, train_detector
+    from trainer.vae import _recon_mse
+
+    features, values, _ = simulated(400, seed=4)
+    prep = prepare([write_rows(tmp_path / "h.csv", features, values)], FitOptions(progress=False))
+    opts = FitOptions(progress=False, ensemble=2, time_budget_s=30)
+    det = train_detector(prep, opts)
+    cal = torch.from_numpy(scale_windows(prep.cal_windows, prep.centre, prep.scale))
+    assert det.final is not det.held_out
+    assert _recon_mse(det.final, cal) < _recon_mse(det.held_out, cal)
+    n_all = len(prep.x_train) + len(prep.x_val) + len(prep.cal_windows)
+    assert det.metrics["refit_windows"] == n_all and det.metrics["refit_epochs"] >= 21
+    alone = train_detector(prep, opts.model_copy(update={"refit": False}))
+    assert alone.final is alone.held_out and "refit_windows" not in alone.metrics
+
+
 # ---------------------------------------------------------------- the bundle
 def test_fit_writes_a_valid_verified_bundle(made):
     m = load_manifest(made.bundle)  # hashes, schema, consistency
