@@ -43,6 +43,11 @@ from typing import Callable
 import numpy as np
 
 from agent.pipeline import Pipeline, _Device
+
+try:
+    from orjson import dumps as _fast_dumps
+except ImportError:  # pragma: no cover - orjson is a dependency, but the agent must not need it
+    _fast_dumps = None
 from agent.scoring import DeviceStream
 
 log = logging.getLogger(__name__)
@@ -122,12 +127,27 @@ def snapshot_device(name: str, dev: _Device, pending: list | None) -> tuple:
 
 
 def encode_snapshot(snap: tuple) -> tuple[str, str, bytes]:
-    """(name, state JSON, window bytes): the ``device`` row of a :func:`snapshot_device`."""
+    """(name, state JSON, window bytes): the ``device`` row of a :func:`snapshot_device`.
+
+    orjson when it can say the same thing (~5x faster than json.dumps: with 1,000 devices this
+    ran for ~3 us of every message of a drain); json.dumps for what orjson would write otherwise
+    or not at all: NaN and infinities (orjson writes null; a device with no row yet has ts -inf,
+    a half-assembled row has NaN) and anything that is not a plain Python value."""
     name, ts, head, count, rows, since, smooth, active, above, below, buf, pending = snap
     st = {"ts": ts, "head": head, "count": count, "rows": rows, "since": since, "smooth": list(smooth),
           "active": active, "above": above, "below": below}
     if pending is not None:
         st["pending"] = [pending[0], pending[1].tolist(), pending[2].tolist(), pending[3]]
+    elif _fast_dumps is not None:
+        try:
+            finite = ts - ts == 0.0 and (x := sum(st["smooth"])) - x == 0.0  # no NaN, no inf (nor an overflow)
+        except TypeError:
+            finite = False
+        if finite:
+            try:
+                return name, _fast_dumps(st).decode(), buf
+            except TypeError:  # not a plain value (a numpy scalar, say): json.dumps decides
+                pass
     return name, json.dumps(st), buf
 
 
