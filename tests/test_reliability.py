@@ -348,6 +348,21 @@ def test_encoded_checkpoint_state_reads_back_as_json_dumps_wrote_it(ts, smooth, 
         assert same(got[k], want[k]) and type(got[k]) is type(want[k]), k
 
 
+def test_state_store_rewrites_a_device_row_in_place(tmp_path):
+    """save() of devices already stored replaces their state and window (an upsert), adds the new
+    ones, keeps the others; replace_all starts from an empty table."""
+    store = StateStore(tmp_path / "state.sqlite")
+    store.save({"m": 1}, [("a", '{"v": 1}', b"\x01"), ("b", '{"v": 1}', b"\x01")])
+    store.save(None, [("b", '{"v": 2}', b"\x02"), ("c", '{"v": 2}', b"\x02")])
+    store.save({"m": 2}, [("b", '{"v": 3}', b"\x03")])
+    meta, devices = store.load()
+    assert meta == {"m": 2}
+    assert devices == {"a": ({"v": 1}, b"\x01"), "b": ({"v": 3}, b"\x03"), "c": ({"v": 2}, b"\x02")}
+    store.save(None, [("c", '{"v": 4}', b"\x04")], replace_all=True)
+    assert store.load()[1] == {"c": ({"v": 4}, b"\x04")}
+    store.close()
+
+
 # ------------------------------------------------------------------ intake bounds
 
 def test_oversized_payloads_never_queue_and_queued_bytes_are_bounded(tmp_path, bundle):
