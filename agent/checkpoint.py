@@ -43,12 +43,12 @@ from typing import Callable
 import numpy as np
 
 from agent.pipeline import Pipeline, _Device
+from agent.scoring import DeviceStream
 
 try:
     from orjson import dumps as _fast_dumps
 except ImportError:  # pragma: no cover - orjson is a dependency, but the agent must not need it
     _fast_dumps = None
-from agent.scoring import DeviceStream
 
 log = logging.getLogger(__name__)
 

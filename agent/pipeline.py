@@ -154,7 +154,8 @@ def fast_method(metric, name: str):
     in. The public method where the internals differ (another prometheus_client layout)."""
     f = getattr(getattr(metric, "_value", None), name, None)
     observable = getattr(metric, "_is_observable", None)
-    if callable(f) and callable(observable) and observable():
+    # (a multiprocess "mostrecent" gauge also stamps the time on set: the public method does that)
+    if callable(f) and callable(observable) and observable() and not getattr(metric, "_is_most_recent", False):
         return f
     return getattr(metric, name)
 
