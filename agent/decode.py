@@ -201,6 +201,7 @@ class PayloadDecoder:
             raise ValueError(f"unknown payload format {fmt!r}")
         self.features = list(features)
         self.index = {name: i for i, name in enumerate(self.features)}
+        self._order = tuple(self.features)
         self.fmt = fmt
         self.max_payload_bytes = max_payload_bytes
 
@@ -228,11 +229,20 @@ class PayloadDecoder:
         obj = self._load(payload)
         if not isinstance(obj, dict):
             raise DecodeError("not_object", type(obj).__name__)
-        ts = parse_ts(obj.get("ts"), recv_time)
+        ts = obj.get("ts")
+        # The common form (epoch seconds as a float) inline: what parse_ts returns for it, ~0.2 us less.
+        ts = ts if type(ts) is float and 0.0 < ts < 1e11 else parse_ts(ts, recv_time)
         if self.fmt == "json":
             values = obj.get("values")
             if not isinstance(values, dict):
                 raise DecodeError("not_object", "'values' must be an object")
+            if tuple(values) == self._order:  # the bundle's sensors in its order (the usual publisher):
+                vals = list(values.values())  # when all are plain floats in range, this is the loop's result
+                for v in vals:
+                    if type(v) is not float or not -_F32_MAX <= v <= _F32_MAX:  # else the loop decides
+                        break
+                else:
+                    return ts, vals, 0, True
         else:
             values = obj
         vals = [math.nan] * len(self.features)

@@ -448,19 +448,19 @@ class MqttLink:
             self._set_connected(True)
 
     def _cb_message(self, client, userdata, msg) -> None:
-        self._last_rx = time.time()
+        now = self._last_rx = time.time()  # one clock read: when it arrived is when the broker was last heard
         try:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = msg._topic.decode("utf-8", "replace")
         if not self.manual_ack:
-            self._on_message(topic, msg.payload, time.time())
+            self._on_message(topic, msg.payload, now)
             return
-        self._token += 1
-        entry = [self._token, msg.mid, msg.qos, False, self._conn]
+        token = self._token = self._token + 1
+        entry = [token, msg.mid, msg.qos, False, self._conn]
         if msg.qos:
             self._acks.append(entry)  # no lock: deque.append is atomic, and clear() runs on this thread
-        if self._on_message(topic, msg.payload, time.time(), self._token) is False:
+        if self._on_message(topic, msg.payload, now, token) is False:
             entry[3] = True  # not queued (counted as dropped or invalid): acknowledge it in turn
 
     def _cb_publish(self, client, userdata, mid, reason_code, properties) -> None:

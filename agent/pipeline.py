@@ -83,16 +83,17 @@ class Handoff:
         return len(self._q) >= self.maxsize or self.bytes_in - self.bytes_out >= self.max_bytes
 
     def put(self, item) -> bool:
-        while self._full():
-            if not self._ready.is_set():
-                self._ready.set()  # full: the consumer must not sleep until its deadline
-            self._room.clear()
-            if not self._full():
-                break
-            if not self._room.wait(self.full_wait) and self._full():
-                return False
-        self.bytes_in += len(item[1])
         q = self._q
+        if len(q) >= self.maxsize or self.bytes_in - self.bytes_out >= self.max_bytes:  # = _full(), inline
+            while self._full():
+                if not self._ready.is_set():
+                    self._ready.set()  # full: the consumer must not sleep until its deadline
+                self._room.clear()
+                if not self._full():
+                    break
+                if not self._room.wait(self.full_wait) and self._full():
+                    return False
+        self.bytes_in += len(item[1])
         q.append(item)
         k = len(q)
         if k == 1:
@@ -146,13 +147,35 @@ def observe_many(hist, values: np.ndarray) -> None:
     total.inc(float(values.sum()))
 
 
+def fast_method(metric, name: str):
+    """``metric.<name>`` (a labelled child's ``inc`` or ``set``) without prometheus_client's
+    per-call checks (is it a parent with labels? a negative increment?), which cost as much as
+    the locked update itself: its value's own method, what ``inc(n)`` / ``set(float(v))`` end
+    in. The public method where the internals differ (another prometheus_client layout)."""
+    f = getattr(getattr(metric, "_value", None), name, None)
+    observable = getattr(metric, "_is_observable", None)
+    # (a multiprocess "mostrecent" gauge also stamps the time on set: the public method does that)
+    if callable(f) and callable(observable) and observable() and not getattr(metric, "_is_most_recent", False):
+        return f
+    return getattr(metric, name)
+
+
 class _Device:
-    __slots__ = ("stream", "last_ts", "score_gauge")
+    __slots__ = ("stream", "last_ts", "_score_gauge", "set_score")
 
     def __init__(self, stream: DeviceStream, score_gauge):
         self.stream = stream
         self.last_ts = float("-inf")
         self.score_gauge = score_gauge
+
+    @property
+    def score_gauge(self):
+        return self._score_gauge
+
+    @score_gauge.setter
+    def score_gauge(self, gauge) -> None:
+        self._score_gauge = gauge
+        self.set_score = fast_method(gauge, "set") if gauge is not None else None  # takes a float
 
 
 class Pipeline:
@@ -179,6 +202,7 @@ class Pipeline:
         self.dead_letter = dead_letter
         self.clock = clock
         self.now = now
+        self.max_payload_bytes = cfg.max_payload_bytes  # (a restart setting: not reloaded)
         self.queue = Handoff(cfg.queue.max_messages, cfg.queue.max_bytes, cfg.queue.full_wait_ms / 1000.0, clock)
         part = cfg.topics.partition
         self.partition = (part.index, part.count) if part is not None else None
@@ -200,7 +224,7 @@ class Pipeline:
         self._arrived: float | None = None  # while step() handles a chunk: when its oldest message arrived
         self.last_tick = clock()
         self._warned: dict[str, float] = {}
-        self._ok = metrics.messages.labels("ok")  # cached child: labels() costs on every message
+        self._ok = fast_method(metrics.messages.labels("ok"), "inc")  # cached child: labels() costs on every message
         self._swap: Scorer | None = None
         # Names the fault of a RAISED alert only (agent.classify): never on the per-window path.
         self.classifier = classifier
@@ -216,7 +240,7 @@ class Pipeline:
         """Called on the network thread: enqueue; when full, wait for room (backpressure), then drop.
         False if not queued (counted). ``token`` becomes ``progress`` once the message is handled
         (manual MQTT acks, see agent.checkpoint)."""
-        if len(payload) > self.cfg.max_payload_bytes:  # never queued: a flood of huge payloads must not fill memory
+        if len(payload) > self.max_payload_bytes:  # never queued: a flood of huge payloads must not fill memory
             self._invalid(topic, payload, "too_large", f"{len(payload)} bytes")
             return False
         if self.queue.put((topic, payload, recv_time, token)):
@@ -252,7 +276,7 @@ class Pipeline:
             return
         if extras:
             self.metrics.unknown_sensors.inc(extras)
-        self._ok.inc()
+        self._ok(1)
         dev.last_ts = ts
         self.dirty.add(device)
         if dev.stream.push_values(vals, complete):
@@ -279,7 +303,7 @@ class Pipeline:
             return
         if given and ts <= dev.last_ts:
             raise DecodeError("out_of_order", f"{device} ts {ts} <= {dev.last_ts}")
-        self._ok.inc()
+        self._ok(1)
         self.dirty.add(device)  # the half-assembled row is state too
         for row_ts, row in self.assembler.add(device, ts, idx, value, given):
             if row_ts > dev.last_ts:  # a receive-time stamp need not be newer than the last row: skip it
@@ -346,10 +370,10 @@ class Pipeline:
         meta = self._meta
         for i, raw in enumerate(scores.tolist()):
             device, dev, ts = meta[i]
-            d = dev.stream.decide(raw)
-            dev.score_gauge.set(d.score)
-            if d.event is not None:
-                self._emit(device, ts, d.event.value, d.score, contrib[i], float(recv[i]), self._buf[i])
+            s, event = dev.stream.advance(raw)  # = decide(raw)
+            dev.set_score(s)
+            if event is not None:
+                self._emit(device, ts, event.value, s, contrib[i], float(recv[i]), self._buf[i])
         if self._alerts:
             self._deliver()
 

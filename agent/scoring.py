@@ -247,9 +247,14 @@ class DeviceStream:
         return False
 
     def decide(self, raw_score: float) -> Decision:
-        s = self.smoother(raw_score)
-        ev = self.alert.update(s, None if self.clear_n is None else self.smoother.recent(self.clear_n))
+        s, ev = self.advance(raw_score)
         return Decision(s, self.alert.active, ev)
+
+    def advance(self, raw_score: float) -> tuple[float, Event | None]:
+        """:meth:`decide` as (smoothed score, transition or None), without the Decision object
+        (the agent's per-window path: one allocation less per window)."""
+        s = self.smoother(raw_score)
+        return s, self.alert.update(s, None if self.clear_n is None else self.smoother.recent(self.clear_n))
 
 
 def top_sensors(contrib: np.ndarray, features: list[str], k: int = 3) -> list[dict]:

@@ -155,3 +155,40 @@ def test_valid_values_round_trip(values):
     d = dec().decode(json.dumps({"ts": 1700000000, "values": values}).encode(), RECV)
     for k, v in values.items():
         assert d.row[FEATURES.index(k)] == np.float32(v)
+
+
+_VALUE = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-1e6, 1e6), st.integers(-10**40, 10**40),
+                   st.booleans(), st.none(), st.sampled_from(["1.5", "hot", "NaN"]), st.just([1.0]))
+
+
+@given(values=st.one_of(
+    st.lists(_VALUE, min_size=3, max_size=3).map(lambda vs: dict(zip(FEATURES, vs))),  # the bundle's order
+    st.lists(st.floats(-1e30, 1e30), min_size=3, max_size=3).map(lambda vs: dict(zip(FEATURES, vs))),
+    st.dictionaries(st.sampled_from(FEATURES + ["other", "ts"]), _VALUE, max_size=5),  # any order, unknown keys
+), ts=st.one_of(st.none(), st.floats(allow_nan=True), st.sampled_from([1700000000.5, 1e11, 1e11 - 1, 2e11, 0.0, -1.0])))
+@settings(max_examples=400, deadline=None)
+def test_fast_paths_decide_as_the_general_code(values, ts):
+    """decode_values' shortcuts (a float ts, a row in the bundle's order with plain floats) give
+    exactly what the general loop and parse_ts give: same row, extras, completeness or reason."""
+    payload = json.dumps({"ts": ts, "values": values}).encode()  # allow_nan: NaN/Infinity literals (json.loads path)
+    fast = dec()
+    slow = dec()
+    slow._order = None  # never the keys' order: the general loop
+    got, want = [], []
+    for d, out in ((fast, got), (slow, want)):
+        try:
+            out.append(d.decode_values(payload, RECV))
+        except DecodeError as e:
+            out.append(e.reason)
+    try:
+        want_ts = parse_ts(ts, RECV)
+    except DecodeError as e:
+        assert got == want == [e.reason]  # the timestamp is checked before the values
+        return
+    if isinstance(want[0], str) or isinstance(got[0], str):
+        assert got == want
+        return
+    (t1, v1, e1, c1), (t2, v2, e2, c2) = got[0], want[0]
+    assert t1 == t2 == want_ts and e1 == e2 and c1 == c2
+    assert [type(x) for x in v1] == [type(x) for x in v2]
+    np.testing.assert_array_equal(np.array(v1, np.float64), np.array(v2, np.float64))

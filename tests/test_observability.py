@@ -207,3 +207,26 @@ def test_check_fails_on_an_anonymous_remote_broker_config(capsys, tmp_path, two_
                            "--no-broker")
     assert rc == 0, out
     assert rows["mqtt tls"][0] == "warn" and "clear text" in rows["mqtt tls"][1]
+
+
+def test_fast_metric_methods_update_what_the_public_methods_do():
+    """pipeline.fast_method: a labelled child's inc/set through its value lands in the same
+    sample; a parent with labels (not observable) gets the public method and its error."""
+    from agent.metrics import Metrics
+    from agent.pipeline import fast_method
+
+    m = Metrics()
+    inc = fast_method(m.messages.labels("ok"), "inc")
+    inc(1)
+    inc(1)
+    m.messages.labels("ok").inc()
+    assert m.registry.get_sample_value("edgewatch_messages_total", {"result": "ok"}) == 3.0
+    set_score = fast_method(m.score.labels("d0"), "set")
+    set_score(0.25)
+    assert m.registry.get_sample_value("edgewatch_score", {"device": "d0"}) == 0.25
+    set_score(1.5)
+    assert m.registry.get_sample_value("edgewatch_score", {"device": "d0"}) == 1.5
+    with pytest.raises(ValueError):  # "No label names were set": the public method's own check
+        fast_method(m.score, "set")(1.0)
+    fast_method(m.windows, "inc")(2)  # no labels at all: observable
+    assert m.registry.get_sample_value("edgewatch_windows_scored_total") == 2.0

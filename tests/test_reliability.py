@@ -316,6 +316,53 @@ def test_a_checkpoint_is_encoded_off_the_pipeline_thread_and_holds_the_state_it_
             np.testing.assert_array_equal(np.array(st["pending"][1], np.float32), want_pending[name][1])
 
 
+@pytest.mark.parametrize("ts,smooth,pending", [
+    (1_767_225_600.125, [0.5, 1e-300, 3.0000000000000004, 1e16, -0.0], None),  # the orjson path
+    (1_767_225_600.0, [], None),
+    (float("-inf"), [], None),  # a per-sensor device with no row yet
+    (1_767_225_600.0, [0.5, float("nan")], None),
+    (1_767_225_600.0, [float("inf"), 1.0], None),
+    (1_767_225_600.0, [1e308, 1e308], None),  # finite values whose sum is not
+    (1_767_225_601.0, [0.25], (1_767_225_601.0, np.array([1.5, np.nan, 2.0], np.float32),
+                               np.array([True, False, True]), True)),
+    (np.float64(1_767_225_600.5), [np.float64(0.5)], None),  # not plain Python values
+])
+def test_encoded_checkpoint_state_reads_back_as_json_dumps_wrote_it(ts, smooth, pending):
+    """encode_snapshot takes orjson where it says the same as json.dumps; the state read back
+    (json.loads, as restore() does) is the same value for value, NaN and infinities included."""
+    import math
+
+    from agent.checkpoint import encode_snapshot
+    snap = ("d0", ts, 3, 12, 12, 0, tuple(smooth), True, 2, 0, b"\x00" * 8, pending)
+    name, text, buf = encode_snapshot(snap)
+    assert name == "d0" and buf == b"\x00" * 8 and isinstance(text, str)
+    want = {"ts": float(ts), "head": 3, "count": 12, "rows": 12, "since": 0, "smooth": [float(x) for x in smooth],
+            "active": True, "above": 2, "below": 0}
+    if pending is not None:
+        want["pending"] = [pending[0], pending[1].tolist(), pending[2].tolist(), pending[3]]
+    same = lambda a, b: (a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))  # noqa: E731
+                         or (isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(map(same, a, b))))
+    got = json.loads(text)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert same(got[k], want[k]) and type(got[k]) is type(want[k]), k
+
+
+def test_state_store_rewrites_a_device_row_in_place(tmp_path):
+    """save() of devices already stored replaces their state and window (an upsert), adds the new
+    ones, keeps the others; replace_all starts from an empty table."""
+    store = StateStore(tmp_path / "state.sqlite")
+    store.save({"m": 1}, [("a", '{"v": 1}', b"\x01"), ("b", '{"v": 1}', b"\x01")])
+    store.save(None, [("b", '{"v": 2}', b"\x02"), ("c", '{"v": 2}', b"\x02")])
+    store.save({"m": 2}, [("b", '{"v": 3}', b"\x03")])
+    meta, devices = store.load()
+    assert meta == {"m": 2}
+    assert devices == {"a": ({"v": 1}, b"\x01"), "b": ({"v": 3}, b"\x03"), "c": ({"v": 2}, b"\x02")}
+    store.save(None, [("c", '{"v": 4}', b"\x04")], replace_all=True)
+    assert store.load()[1] == {"c": ({"v": 4}, b"\x04")}
+    store.close()
+
+
 # ------------------------------------------------------------------ intake bounds
 
 def test_oversized_payloads_never_queue_and_queued_bytes_are_bounded(tmp_path, bundle):
