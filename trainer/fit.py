@@ -331,7 +331,8 @@ def calibrate(manifest: Manifest, backend, prep: Prepared, opts: FitOptions) -> 
     mahal: the residual whitening comes from all held-out normal windows (early-stopping and
     calibration: never trained on); norm: the per-channel error scale from the calibration windows.
 
-    Scored through the agent's Scorer/score_rows on ``backend``, so they are the gateway's numbers.
+    Scored through the agent's Scorer/score_rows on ``backend`` (fit passes the held-out model: with
+    refit, the shipped model has learnt these rows, so its own scores on them would be optimistic).
     """
     tail = min(opts.tail or prep.window, prep.window)
     if opts.score_kind == "mahal":
