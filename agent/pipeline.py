@@ -373,7 +373,8 @@ class Pipeline:
             s, event = dev.stream.advance(raw)  # = decide(raw)
             dev.set_score(s)
             if event is not None:
-                self._emit(device, ts, event.value, s, contrib[i], float(recv[i]), self._buf[i])
+                self._emit(device, ts, event.value, dev.stream.event_score(s, event), contrib[i], float(recv[i]),
+                           self._buf[i])
         if self._alerts:
             self._deliver()
 

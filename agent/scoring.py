@@ -256,6 +256,12 @@ class DeviceStream:
         s = self.smoother(raw_score)
         return s, self.alert.update(s, None if self.clear_n is None else self.smoother.recent(self.clear_n))
 
+    def event_score(self, score: float, event: Event) -> float:
+        """The score an alert reports: the one its decision compared with the threshold -- the smoothed
+        ``score`` for a raise; for a clear, the mean of the newest ``clear_n`` scores when the bundle
+        clears on it (the long mean may still stand above the threshold then)."""
+        return self.smoother.recent(self.clear_n) if event is Event.CLEARED and self.clear_n is not None else score
+
 
 def top_sensors(contrib: np.ndarray, features: list[str], k: int = 3) -> list[dict]:
     """The k sensors explaining most of one window's error, with their share of it."""

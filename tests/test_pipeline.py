@@ -65,6 +65,30 @@ class Rig:
         return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
+def test_a_cleared_alert_reports_the_score_the_clear_was_decided_on(tmp_path):
+    """Regression (the demo, 2026-12-01): with clear_smoothing an alert clears on the mean of the
+    newest scores, but the cleared alert carried the long smoothed score, still above the threshold
+    ("ALERT CLEARED ... score 3.23 (threshold 2.64)"). It now carries the mean the clear compared."""
+    from agent.manifest import write_manifest
+
+    b = make_tiny_bundle(tmp_path / "b", threshold=8.0, clear_after=2)
+    m = load_manifest(b)
+    write_manifest(b, m.model_copy(update={
+        "score": m.score.model_copy(update={"smoothing": 10}),
+        "threshold": m.threshold.model_copy(update={"clear_smoothing": 2})}))
+    r = Rig(b, batching={"max_batch": 1, "max_latency_ms": 0})
+    for t in range(80):
+        v = np.zeros(3)
+        if 20 <= t < 45:
+            v[2] += 10
+        r.send("sick", T0 + t, v)
+    r.p.flush()
+    (_, raised, _), (_, cleared, _) = r.alerts
+    assert (raised.state, cleared.state) == ("raised", "cleared")
+    assert raised.score > raised.threshold
+    assert cleared.score < cleared.threshold * 0.9  # what the clear compared: below the clear level
+
+
 def test_one_inference_call_per_micro_batch_across_devices(bundle):
     r = Rig(bundle, batching={"max_batch": 4, "max_latency_ms": 5})
     for i, dev in enumerate(["p1", "p2", "p3"]):
