@@ -223,7 +223,7 @@ class Checkpointer:
             except (KeyError, TypeError, ValueError) as e:
                 log.error("saved state of device %s is unusable (%s); it starts fresh", name, e)
                 continue
-            dev.score_gauge = p.metrics.score.labels(name)
+            dev.report_to(p.metrics.score.labels(name))
             p.devices[name] = dev
             n += 1
         p.metrics.devices.set(len(p.devices))

@@ -161,20 +161,15 @@ def fast_method(metric, name: str):
 
 
 class _Device:
-    __slots__ = ("stream", "last_ts", "_score_gauge", "set_score")
+    __slots__ = ("stream", "last_ts", "set_score")
 
     def __init__(self, stream: DeviceStream, score_gauge):
         self.stream = stream
         self.last_ts = float("-inf")
-        self.score_gauge = score_gauge
+        self.report_to(score_gauge)
 
-    @property
-    def score_gauge(self):
-        return self._score_gauge
-
-    @score_gauge.setter
-    def score_gauge(self, gauge) -> None:
-        self._score_gauge = gauge
+    def report_to(self, gauge) -> None:
+        """Set this device's smoothed score on ``gauge`` (a labelled child; None: nowhere yet)."""
         self.set_score = fast_method(gauge, "set") if gauge is not None else None  # takes a float
 
 
