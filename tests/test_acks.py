@@ -109,3 +109,29 @@ def test_the_agents_socket_sends_small_packets_at_once(tmp_path, broker, protoco
         assert link.client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         link.stop()
+
+
+def test_paced_acknowledgements_go_out_in_order_a_chunk_at_a_time(tmp_path):
+    """The checkpoint writer's acknowledgements (thousands at once) are queued ACK_CHUNK at a time,
+    ACK_PACE_S apart, so an alert published meanwhile waits behind one chunk at most (mosquitto reads
+    one packet per socket per pass of its loop); the bytes are the ones paho would send one by one."""
+    import time
+
+    from agent.mqtt_link import ACK_CHUNK, ACK_PACE_S
+
+    link = _link(tmp_path, "5")
+    mids = list(range(1, 2 * ACK_CHUNK + 45))
+    _receive(link, mids)
+    t = time.monotonic()
+    link.ack_through(len(mids), pace=True)
+    took = time.monotonic() - t
+    out = [bytes(p["packet"]) for p in link.client._out_packet]
+    assert [len(p) // 4 for p in out] == [ACK_CHUNK, ACK_CHUNK, 44]
+    assert b"".join(out) == _bytes_of_one_by_one_acks("5", mids)
+    assert took >= 2 * ACK_PACE_S * 0.9
+    # unpaced (the pipeline thread's call, for the few messages not queued): no waiting, 256 at a time
+    link2 = _link(tmp_path / "2", "5")
+    _receive(link2, mids)
+    link2.ack_through(len(mids))
+    assert [len(bytes(p["packet"])) // 4 for p in link2.client._out_packet] == [256, len(mids) - 256]
+
