@@ -35,6 +35,7 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -81,7 +82,24 @@ def make_client(cfg: AgentConfig, client_id: str, persistent: bool) -> mqtt.Clie
             raise ConfigError(f"mqtt.tls: cannot load certificates: {e}") from None
         client.tls_insecure_set(m.tls.insecure)
     client.on_socket_open = _no_delay
+    if type(getattr(client, "_on_message_filtered", None)) is MQTTMatcher:
+        client._on_message_filtered = _Filters()
     return client
+
+
+class _Filters(MQTTMatcher):
+    """paho's per-filter callback registry (``message_callback_add``), which paho consults for
+    every message it receives. Its ``iter_match`` builds a recursive generator closure per call
+    (a reference cycle: one function, three cells, a tuple and a list of garbage per message)
+    that only the cyclic collector frees: at 7,300 msg/s it ran ~50 collections a second and a
+    full one every ~2 s (4-22 ms of CPU each, every thread stopped). With no filters registered
+    (the agent registers none) there is nothing to match: no closure, no garbage. With filters,
+    paho's own matching."""
+
+    def iter_match(self, topic):
+        if not self._root._children:
+            return iter(())
+        return super().iter_match(topic)
 
 
 def _no_delay(client, userdata, sock) -> None:
