@@ -94,7 +94,8 @@ class App:
         self.link = MqttLink(cfg, self.pipeline.submit, self.metrics, self.outbox, manual_ack=True)
         self.state = StateStore(cfg.state_dir / "state.sqlite")
         self.checkpoints = Checkpointer(self.pipeline, self.state, self.link.ack_through, receive_maximum(cfg),
-                                        durable=self.outbox.sync)
+                                        durable=self.outbox.sync,
+                                        writer_ack=lambda token: self.link.ack_through(token, pace=True))
         self.checkpoints.restore()
         for f in self.pipeline.matcher.subscriptions():
             self.link.subscribe(f, qos=1)

@@ -179,10 +179,14 @@ class Checkpointer:
 
     def __init__(self, pipeline: Pipeline, store: StateStore, ack: Callable[[int], None] | None = None,
                  receive_maximum: int = 20, interval_s: float = INTERVAL_S, clock: Callable[[], float] = time.monotonic,
-                 durable: Callable[[], object] | None = None):
+                 durable: Callable[[], object] | None = None, writer_ack: Callable[[int], None] | None = None):
         self.p = pipeline
         self.store = store
         self.ack = ack
+        # What the writer thread acknowledges a checkpoint's telemetry with (None: ``ack``): the
+        # agent paces these thousands of PUBACKs (MqttLink.ack_through(pace=True)); ``tick`` on the
+        # pipeline thread never waits for that.
+        self.writer_ack = writer_ack
         # Called on the writer thread before each acknowledgement: the alert outbox's sync(), so the
         # alerts decided from the acknowledged telemetry are on disk first (agent.outbox).
         self.durable = durable
@@ -298,8 +302,9 @@ class Checkpointer:
             except Exception as e:  # OSError: a disk error
                 self._failed("cannot flush the alert outbox to disk (%s); acknowledging telemetry anyway", e)
             try:
-                if self.ack is not None:
-                    self.ack(progress)
+                ack = self.writer_ack or self.ack
+                if ack is not None:
+                    ack(progress)
             except Exception:  # the link is gone (stopping): the broker redelivers, nothing is lost
                 log.debug("acknowledging after a checkpoint failed", exc_info=True)
             finally:

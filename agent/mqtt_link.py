@@ -35,6 +35,7 @@ from typing import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 PUBACK = 0x40  # MQTT control packet type (3.1.1 and 5): fixed header of a PUBACK
 _PUBACK = struct.Struct("!BBH")  # type, remaining length 2, packet id: success, no properties (valid in MQTT 5)
+ACK_CHUNK = 128  # paced acknowledgements (ack_through(pace=True)): this many at a time,
+ACK_PACE_S = 0.001  # this far apart
 
 # (topic, payload, receive epoch seconds[, token with manual acks]) -> False if not queued
 OnMessage = Callable[..., object]
@@ -79,7 +82,24 @@ def make_client(cfg: AgentConfig, client_id: str, persistent: bool) -> mqtt.Clie
             raise ConfigError(f"mqtt.tls: cannot load certificates: {e}") from None
         client.tls_insecure_set(m.tls.insecure)
     client.on_socket_open = _no_delay
+    if type(getattr(client, "_on_message_filtered", None)) is MQTTMatcher:
+        client._on_message_filtered = _Filters()
     return client
+
+
+class _Filters(MQTTMatcher):
+    """paho's per-filter callback registry (``message_callback_add``), which paho consults for
+    every message it receives. Its ``iter_match`` builds a recursive generator closure per call
+    (a reference cycle: one function, three cells, a tuple and a list of garbage per message)
+    that only the cyclic collector frees: at 7,300 msg/s it ran ~50 collections a second and a
+    full one every ~2 s (4-22 ms of CPU each, every thread stopped). With no filters registered
+    (the agent registers none) there is nothing to match: no closure, no garbage. With filters,
+    paho's own matching."""
+
+    def iter_match(self, topic):
+        if not self._root._children:
+            return iter(())
+        return super().iter_match(topic)
 
 
 def _no_delay(client, userdata, sock) -> None:
@@ -341,14 +361,22 @@ class MqttLink:
 
     # ------------------------------------------------------------ manual acks
 
-    def ack_through(self, token: int) -> None:
+    def ack_through(self, token: int, pace: bool = False) -> None:
         """PUBACK every received message up to ``token`` (the pipeline progress a checkpoint
-        holds), in arrival order, and the ones not queued (dropped, counted) right behind them."""
+        holds), in arrival order, and the ones not queued (dropped, counted) right behind them.
+
+        ``pace`` (the checkpoint writer: thousands at once): ``ACK_CHUNK`` acknowledgements at a
+        time, ``ACK_PACE_S`` apart. An alert shares the connection with them, and mosquitto reads
+        one packet per socket per pass of its event loop: behind 5,000 acknowledgements written at
+        once, an alert reached its subscribers 30-80 ms late (bench, 7,300 msg/s). Paced, at most
+        one chunk is ahead of it; the acknowledgements still go out far faster than the agent can
+        take telemetry (128 per ms), so the broker's in-flight window is never held back."""
         acks, more = self._acks, True
+        chunk = ACK_CHUNK if pace else 256
         while more:  # in chunks: the network thread needs the lock on a reconnect, not for long
             with self._ack_lock:  # held while calling paho: a reconnect cannot slip a stale mid in
                 mids = []
-                for _ in range(256):
+                for _ in range(chunk):
                     if not (acks and (acks[0][0] <= token or acks[0][3])):
                         more = False
                         break
@@ -357,6 +385,8 @@ class MqttLink:
                         mids.append((mid, qos))
                 if mids:
                     self._send_acks(mids)
+            if more and pace:
+                time.sleep(ACK_PACE_S)
         now = time.monotonic()
         if self.linger and now - self._last_purge >= 1.0:  # called every loop pass: housekeeping too
             self._last_purge = now
