@@ -132,6 +132,30 @@ def test_training_is_seed_deterministic_and_respects_the_time_budget():
     assert r.stopped == "time_budget" and r.seconds < 5
 
 
+def test_linear_path_is_a_linear_term_beside_the_mlp():
+    """With the MLP's output layers at zero, the VAE with its linear term is exactly linear (a PCA-like core:
+    x -> B A x); without the term it is constant. The term is part of the exported graph (parity tests)."""
+    import torch
+
+    from trainer.vae import WindowVAE
+
+    torch.manual_seed(0)
+    for linear_path in (True, False):
+        m = WindowVAE(4, 2, 32, 3, linear_path=linear_path).eval()
+        with torch.no_grad():
+            for layer in (m.to_stats, m.decoder[-1]):
+                layer.weight.zero_()
+                layer.bias.zero_()
+            x = torch.randn(6, 4, 2)
+            y = m(x)
+            if linear_path:
+                want = (x.flatten(1) @ m.lin_enc.weight.T @ m.lin_dec.weight.T).unflatten(1, (4, 2))
+                torch.testing.assert_close(y, want)
+                torch.testing.assert_close(m(2 * x), 2 * y)
+            else:
+                assert m.lin_enc is None and float(y.abs().max()) == 0.0
+
+
 def test_ensemble_reconstruction_is_the_members_mean():
     import torch
 

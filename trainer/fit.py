@@ -64,6 +64,8 @@ class FitOptions(BaseModel):
     latent: int | None = Field(None, ge=1, description="Latent size; None = about sqrt(window*features)/2 in [3, 16].")
     hidden: int | None = Field(None, ge=4, description="Hidden width; None = window*features/2 rounded to a power of 2 in [32, 128].")
     beta: float = Field(0.05, ge=0, description="KL weight (per latent unit, relative to per-element MSE).")
+    linear_path: bool = Field(True, description="VAE with a linear encoder/decoder term beside the MLP (trainer.vae."
+                              "WindowVAE): linear relations between channels hold outside the history's range.")
     ensemble: int = Field(3, ge=1, le=16, description="VAEs trained from consecutive seeds whose reconstructions are "
                           "averaged in the exported graph (bench.detection: mean F1 0.709 vs 0.691 for one VAE, "
                           "mostly on the SKAB-like set; less seed-to-seed variation).")
@@ -467,7 +469,7 @@ def _train_members(prep: Prepared, opts: FitOptions, x_train: np.ndarray, x_val:
     for k in range(opts.ensemble):
         seed = opts.seed + k
         torch.manual_seed(seed)
-        member = WindowVAE(W, F, hidden, latent)
+        member = WindowVAE(W, F, hidden, latent, linear_path=opts.linear_path)
         # The wall-clock budget is shared: what is left is split evenly over the members still to train.
         left = max(budget - (time.monotonic() - t0), 0.05 * budget)
         n_epochs = opts.epochs if epochs is None else epochs[k]
@@ -505,6 +507,7 @@ def train_detector(prep: Prepared, opts: FitOptions) -> Detector:
         "best_epoch": float(np.mean([r.best_epoch for r in results])),
         "stopped_by_time_budget": float(any(r.stopped == "time_budget" for r in results)),
         "train_seconds": float(sum(r.seconds for r in results)), "hidden": float(hidden), "latent": float(latent),
+        "linear_path": float(opts.linear_path),
     }
     final = model
     if opts.refit:
