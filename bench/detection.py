@@ -130,6 +130,7 @@ def run_suite(quick: bool = False, ablate: bool = True, sets: dict | None = None
         "clear_smoothing=off": dict(clear_smoothing=None), "refit=off": dict(refit=False),
         "smoothing=20, refit=off (previous defaults)": dict(smoothing=20, refit=False),
         "tail=window//4": dict(tail=-4), "window=4 (retrained)": dict(window=4),
+        "linear_path=off (retrained)": dict(linear_path=False),
     } if ablate else {}
     abl_results: dict[str, dict[str, list]] = {k: {} for k in ablations}
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +146,7 @@ def run_suite(quick: bool = False, ablate: bool = True, sets: dict | None = None
                 if kw.get("tail", 0) < 0:
                     kw = dict(tail=max(1, runs[0].prep.window // -kw["tail"]))
                 o = opts.model_copy(update=kw)
-                if "window" in kw or "ensemble" in kw:  # needs its own model
+                if {"window", "ensemble", "linear_path"} & kw.keys():  # needs its own model
                     abl_results[name][set_name] = pooled(cases, [VaeRun(c, o, Path(tmp)).decide() for c in cases])
                     continue
                 abl_results[name][set_name] = pooled(cases, [r.decide(o) for r in runs])

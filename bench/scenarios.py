@@ -126,6 +126,13 @@ def scenario_sets(quick: bool = False) -> dict[str, list[Case]]:
         "regimes": synthetic_set("reg", 3, nf, 4, 2, 0.4, 1200, 400, 400, 10.0, regimes=3),
     }
     if not quick:
+        # The range: "a few hundred to a few thousand rows", "1 to ~20 channels".
+        # SKAB-like rig with only 400 rows of history (under 7 minutes at 1 Hz).
+        sets["short_history_400"] = synthetic_set("short", 7, nf, 8, 3, 0.3, 400, 300, 400, 1.0)
+        # Three channels, 400 rows: little redundancy to reconstruct from.
+        sets["few_channels_400"] = synthetic_set("few", 8, nf, 3, 2, 0.3, 400, 300, 400, 1.0)
+        # Twenty channels, 2,000 rows.
+        sets["wide_20ch"] = synthetic_set("wide", 9, nf, 20, 5, 0.3, 2000, 300, 400, 1.0)
         sets["simulator"] = simulator_set("sim", 4)
         sets["simulator_noisy_10s"] = simulator_set("simn", 5, period_s=10.0, noise=2.0, train_rows=1000, rows=1200)
     return sets
