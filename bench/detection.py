@@ -130,7 +130,7 @@ def run_suite(quick: bool = False, ablate: bool = True, sets: dict | None = None
         "clear_smoothing=off": dict(clear_smoothing=None), "refit=off": dict(refit=False),
         "smoothing=20, refit=off (previous defaults)": dict(smoothing=20, refit=False),
         "tail=window//4": dict(tail=-4), "window=4 (retrained)": dict(window=4),
-        "linear_path=off (retrained)": dict(linear_path=False),
+        "linear_path=on (retrained)": dict(linear_path=True),
     } if ablate else {}
     abl_results: dict[str, dict[str, list]] = {k: {} for k in ablations}
     with tempfile.TemporaryDirectory() as tmp:

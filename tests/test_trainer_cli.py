@@ -107,11 +107,11 @@ def test_fit_cli_writes_bundle(tmp_path, capsys):
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert m["name"] == "h" and m["version"] == "1.0" and m["window"] == 6
     assert "refit_windows" in m["training"]["metrics"]  # the default: refit on every normal row
-    assert m["training"]["metrics"]["linear_path"] == 1.0  # the default: the VAE has its linear term
+    assert m["training"]["metrics"]["linear_path"] == 0.0  # the default: the VAE without its linear term
     assert main(["-q", "fit", "--csv", str(p), "--out", str(tmp_path / "c"), "--epochs", "5", "--no-int8",
-                 "--no-refit", "--no-linear-path"]) == 0
+                 "--no-refit", "--linear-path"]) == 0
     metrics = json.loads((tmp_path / "c" / "manifest.json").read_text())["training"]["metrics"]
-    assert "refit_windows" not in metrics and metrics["linear_path"] == 0.0
+    assert "refit_windows" not in metrics and metrics["linear_path"] == 1.0
 
 
 def test_simulate_delegates(tmp_path):

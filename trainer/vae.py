@@ -27,11 +27,12 @@ class WindowVAE(nn.Module):
     (``mu = mlp(x) + A x``, ``x' = mlp(z) + B z``): a probabilistic-PCA core with a nonlinear
     correction. Tried because PCA held unseen normal operating states with fewer false alarms than
     the MLP-only VAE; bench.detection (eight scenario sets) and a second training seed: mean F1
-    +0.02, fewer false alarms, worse on the noisy 10 s simulator (README "Detection quality").
-    Measured, not explained: on a toy two-channel relation the term alone did not extrapolate better.
+    +0.02, fewer false alarms, but worse on the simulator's machines (noisy 10 s set, bench pumps),
+    so off by default (README "Detection quality"). Measured, not explained: on a toy two-channel
+    relation the term alone did not extrapolate better.
     """
 
-    def __init__(self, window: int, n_features: int, hidden: int, latent: int, linear_path: bool = True):
+    def __init__(self, window: int, n_features: int, hidden: int, latent: int, linear_path: bool = False):
         super().__init__()
         self.window, self.n_features, self.latent = window, n_features, latent
         d = window * n_features
