@@ -134,7 +134,8 @@ def test_training_is_seed_deterministic_and_respects_the_time_budget():
 
 def test_linear_path_is_a_linear_term_beside_the_mlp():
     """With the MLP's output layers at zero, the VAE with its linear term is exactly linear (a PCA-like core:
-    x -> B A x); without the term it is constant. The term is part of the exported graph (parity tests)."""
+    x -> B A x); without the term it is constant. Its export: test_trainer_cli's `fit --linear-path`, which
+    checks the golden vectors in onnxruntime and LiteRT."""
     import torch
 
     from trainer.vae import WindowVAE

@@ -192,7 +192,8 @@ def cmd_fit(a: argparse.Namespace) -> int:
             smoothing=a.smoothing,
             quantile=a.quantile, margin=a.margin,
             raise_after=a.raise_after, clear_smoothing=a.clear_smoothing or None,
-            refit=not a.no_refit, linear_path=a.linear_path, int8=not a.no_int8, name=a.name, version=a.version, progress=not a.quiet,
+            refit=not a.no_refit, linear_path=a.linear_path, int8=not a.no_int8, name=a.name, version=a.version,
+            progress=not a.quiet,
             gan_steps=a.gan_steps,
         )
     except ValidationError as e:
