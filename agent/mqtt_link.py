@@ -50,6 +50,7 @@ PUBACK = 0x40  # MQTT control packet type (3.1.1 and 5): fixed header of a PUBAC
 _PUBACK = struct.Struct("!BBH")  # type, remaining length 2, packet id: success, no properties (valid in MQTT 5)
 ACK_CHUNK = 128  # paced acknowledgements (ack_through(pace=True)): this many at a time,
 ACK_PACE_S = 0.001  # this far apart
+ACK_LOCK_CHUNK = 256  # unpaced: this many per hold of the ack lock (a reconnect waits for one chunk)
 
 # (topic, payload, receive epoch seconds[, token with manual acks]) -> False if not queued
 OnMessage = Callable[..., object]
@@ -372,7 +373,7 @@ class MqttLink:
         one chunk is ahead of it; the acknowledgements still go out far faster than the agent can
         take telemetry (128 per ms), so the broker's in-flight window is never held back."""
         acks, more = self._acks, True
-        chunk = ACK_CHUNK if pace else 256
+        chunk = ACK_CHUNK if pace else ACK_LOCK_CHUNK
         while more:  # in chunks: the network thread needs the lock on a reconnect, not for long
             with self._ack_lock:  # held while calling paho: a reconnect cannot slip a stale mid in
                 mids = []
