@@ -39,6 +39,7 @@ from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.buffered_socket import client_class
 from agent.config import AgentConfig, ConfigError
 from agent.metrics import Metrics
 from agent.mqtt_security import describe_connect_error, describe_early_close, describe_refusal
@@ -63,7 +64,7 @@ class LinkError(Exception):
 def make_client(cfg: AgentConfig, client_id: str, persistent: bool) -> mqtt.Client:
     m = cfg.mqtt
     v5 = m.protocol == "5"
-    client = mqtt.Client(
+    client = client_class()(  # paho's client, reading through a buffer (agent.buffered_socket)
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,

@@ -47,7 +47,11 @@ def bare(args, parse: bool) -> dict:
             done.set()
 
     v5 = args.protocol == "5"
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=args.client_id, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+    cls = mqtt.Client
+    if args.buffered:  # the agent's reads (agent.buffered_socket), otherwise the same bare subscriber
+        from agent.buffered_socket import client_class
+        cls = client_class()
+    c = cls(CallbackAPIVersion.VERSION2, client_id=args.client_id, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
                     clean_session=None if v5 else False)
     c.on_message = on_message
     kw = {}
@@ -112,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--config")
     p.add_argument("--protocol", choices=("5", "3.1.1"), default="3.1.1", help="bare modes: MQTT version")
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--buffered", action="store_true", help="bare modes: read through agent.buffered_socket")
     args = p.parse_args(argv)
     import logging
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

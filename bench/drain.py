@@ -77,13 +77,16 @@ def agent_config(path: Path, broker: Mosquitto, bundle: Path, agent_id: str, sta
 
 
 def run_child(mode: str, n: int, broker: Mosquitto, client_id: str | None = None, config: Path | None = None,
-              log: Path | None = None, timeout: float = 300, protocol: str = "3.1.1") -> subprocess.Popen:
+              log: Path | None = None, timeout: float = 300, protocol: str = "3.1.1",
+              buffered: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bench.child", mode, "--n", str(n), "--host", broker.host, "--port", str(broker.port),
            "--timeout", str(timeout), "--protocol", protocol]
     if client_id:
         cmd += ["--client-id", client_id]
     if config:
         cmd += ["--config", str(config)]
+    if buffered:
+        cmd.append("--buffered")
     err = open(log, "ab") if log else subprocess.DEVNULL
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=Path(__file__).resolve().parent.parent)
 
@@ -105,13 +108,14 @@ def proc_cpu_s(pid: int) -> float:
 
 
 def drain_once(broker: Mosquitto, mode: str, msgs: list[tuple], workdir: Path, tag: str, config: Path | None = None,
-               client_id: str | None = None, filters: list[str] | None = None, protocol: str = "3.1.1") -> dict:
+               client_id: str | None = None, filters: list[str] | None = None, protocol: str = "3.1.1",
+               buffered: bool = False) -> dict:
     client_id = client_id or f"bench-{mode}-{tag}"
     prepare_session(broker.host, broker.port, client_id, filters or [FILTER], protocol)
     queue_backlog(broker, msgs)
     b0 = proc_cpu_s(broker.pid)
     res = child_result(run_child(mode, len(msgs), broker, client_id, config, workdir / f"{mode}-{tag}.log",
-                                 protocol=protocol))
+                                 protocol=protocol, buffered=buffered))
     res["broker_cpu_s"] = proc_cpu_s(broker.pid) - b0
     res["rate"] = len(msgs) / res["seconds"]
     res["cpu_us_per_msg"] = 1e6 * res["cpu_s"] / len(msgs)

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from agent.app import App
+from agent.buffered_socket import BufferedSocket
 from agent.cli import main
 from agent.config import load_config
 from conftest import free_port, wait_port
@@ -138,6 +139,7 @@ def test_connects_with_the_right_ca_and_the_credential_file(tmp_path, tiny, tls,
     app = make_app(tmp_path, tiny, mqtt_settings(tls, tls.secure, host=host, allow_anonymous=False)).start()
     try:
         assert app.link.wait_connected(10), app.link.last_refusal
+        assert not isinstance(app.link.client.socket(), BufferedSocket)  # TLS keeps paho's own reads
         # allow_anonymous false: ready only after the broker was seen to turn a stranger away.
         wait_until(lambda: http_get(app.http.port, "/readyz")[0] == 200, what="ready")
         assert app.fatal is None
