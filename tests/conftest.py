@@ -6,6 +6,7 @@ embedded Python broker.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -91,3 +92,16 @@ def fresh_broker(tmp_path):
     b = Broker(tmp_path / "broker").start()
     yield b
     b.stop()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Tests that run the CLIs call agent.logging_setup.setup_logging, which points the root
+    logger at that test's captured stderr. Left in place, a later thread's log record (the
+    embedded broker's) went to the closed capture file: "--- Logging error --- ValueError: I/O
+    operation on closed file" in the CI log. Each test gets the root logger back as it was."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
