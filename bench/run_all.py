@@ -104,7 +104,7 @@ def steady_runs(broker, bundle, streams, work, quick: bool, soak_minutes: float,
     out["memory"] = []
     for be in backends:
         for n in (10, 1000):
-            soak = soak_minutes * 60 if (be == "onnxruntime" and n == 1000) else (10 if quick else 30)
+            soak = soak_minutes * 60 if n == 1000 else (10 if quick else 30)  # both backends soak
             r = steady.run_steady(broker, bundle, work, streams.features, base, backend=be, n_devices=n, rate=n * 1.0,
                                   seconds=soak, warmup_s=5, faulty_share=0.1, tag=f"mem-{be}-{n}")
             r.pop("latency_samples_ms", None)
