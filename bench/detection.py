@@ -1,7 +1,7 @@
 """Detector evaluation suite: the VAE (through fit's own prepare/train/calibrate and the agent's
 score_rows) against PCA T^2/Q and Isolation Forest, on several scenario sets, plus ablations.
 
-    python -m bench.detection [--quick] [--out bench/out]
+    python -m bench.detection [--quick] [--out bench/out] [--sets skab_like,nonlinear_8ch]
 
 Protocol, identical for every detector: fit on the normal history only (no labels); the last
 ``calibration_fraction`` of it is held out and sets the threshold (same rule); scores are smoothed
@@ -219,11 +219,19 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer, shorter files; no ablations")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--out", default="bench/out", help="output directory (default bench/out)")
+    ap.add_argument("--sets", metavar="a,b", help="run only these scenario sets (default: all)")
     a = ap.parse_args(argv)
+    sets = scenario_sets(a.quick)
+    if a.sets:
+        names = [n.strip() for n in a.sets.split(",") if n.strip()]
+        unknown = [n for n in names if n not in sets]
+        if unknown:
+            ap.error(f"unknown set(s) {', '.join(unknown)}; known: {', '.join(sets)}")
+        sets = {n: sets[n] for n in names}
     import logging
 
     logging.getLogger("trainer").setLevel(logging.WARNING)
-    res = run_suite(quick=a.quick, ablate=not (a.quick or a.no_ablations))
+    res = run_suite(quick=a.quick, ablate=not (a.quick or a.no_ablations), sets=sets)
     write_report(res, Path(a.out))
     print((Path(a.out) / "detection.md").read_text())
     return 0

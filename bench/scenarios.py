@@ -95,6 +95,70 @@ def synthetic_set(name: str, seed: int, files: int, f: int, k: int, noise: float
     return cases
 
 
+def _files(name: str, seed: int, files: int, feats: list[str], plant, train_rows: int, normal_head: int,
+           anomaly_rows: int, period_s: float, kinds) -> list[Case]:
+    """synthetic_set's file layout for any ``plant(rng, n) -> (n, F)``: history, normal stretch, one span, tail."""
+    cases = []
+    for i in range(files):
+        r = np.random.default_rng([seed, i])
+        tail = anomaly_rows // 3
+        n_all = train_rows + normal_head + anomaly_rows + tail
+        x = plant(r, n_all)
+        sd = x[:train_rows].std(axis=0)
+        a = train_rows + normal_head
+        kind = kinds[i % len(kinds)]
+        f = x.shape[1]
+        chans = r.choice(f, int(r.integers(1, max(1, f // 3) + 1)), replace=False)
+        _inject(r, x, a, a + anomaly_rows, kind, chans, sd)
+        y = np.zeros(n_all, np.int8)
+        y[a:a + anomaly_rows] = 1
+        cases.append(Case(f"{name}-{i}-{kind}", feats, x[:train_rows].astype(np.float32),
+                          x[train_rows:].astype(np.float32), y[train_rows:], period_s))
+    return cases
+
+
+def _pump_skid(rng, n: int) -> np.ndarray:
+    """8 channels NONLINEAR in 3 slow factors (speed, system resistance, valve command); noise 2 % of reading."""
+    z = _latent_plant(rng, n, 3, 3, 1.0, 0.0, mix=np.eye(3))  # the same slow factors as the linear sets
+    speed = 1.0 + 0.25 * np.tanh(z[:, 0])  # per unit of rated speed, drive saturates
+    valve = np.clip(0.55 + 0.3 * z[:, 2], 0.05, 1.0)  # opening, on its end stops
+    resist = 1.0 + 0.3 * np.tanh(z[:, 1])  # downstream system resistance
+    flow = speed * valve / np.sqrt(valve ** 2 + resist * 0.25)  # pump affinity x valve in series (per unit)
+    head = speed ** 2 - 0.4 * flow ** 2  # pump curve: head ~ speed^2, falls with flow^2
+    power = flow * head / (0.5 + 0.3 * np.tanh(3 * flow))  # hydraulic power / efficiency
+    temp = 40 + 25 * (1 - np.exp(-power / 0.6))  # winding temperature saturates with load
+    vib = 1.5 * speed ** 2 + 4.0 * np.maximum(0.0, 0.4 - flow) ** 2  # ~ speed^2, + recirculation at low flow
+    dp_valve = 0.25 * (flow / valve) ** 2  # valve drop ~ (flow / opening)^2: the whole head when nearly shut
+    x = np.column_stack([speed, valve, flow, head, power, temp, vib, dp_valve])
+    return x * (1 + rng.normal(0, 0.02, x.shape))
+
+
+def nonlinear_set(name: str, seed: int, files: int, train_rows: int = 1000, normal_head: int = 300,
+                  anomaly_rows: int = 400, kinds=("shift", "variance", "decorrelate", "drift", "stuck")) -> list[Case]:
+    """A pump skid at 1 Hz whose 8 channels are nonlinear in its slow factors (no linear mixture)."""
+    feats = ["speed", "valve", "flow", "head", "power", "winding_temp", "vibration", "valve_dp"]
+    return _files(name, seed, files, feats, _pump_skid, train_rows, normal_head, anomaly_rows, 1.0, kinds)
+
+
+def _hall_temperature(rng, n: int) -> np.ndarray:
+    """One temperature at 5-minute samples: daily cycle (+-4 degC around 21) + AR(1) weather wander + 0.1 degC noise."""
+    t = np.arange(n)
+    e = rng.normal(0, 0.15, n)
+    ar = np.zeros(n)
+    for i in range(1, n):
+        ar[i] = 0.98 * ar[i - 1] + e[i]
+    day = 288  # samples per day at 5 minutes
+    x = 21 + 4 * np.sin(2 * np.pi * t / day + rng.uniform(0, 2 * np.pi)) + ar + rng.normal(0, 0.1, n)
+    return x[:, None]
+
+
+def single_channel_set(name: str, seed: int, files: int, train_rows: int = 1728, normal_head: int = 288,
+                       anomaly_rows: int = 288, kinds=("shift", "variance", "drift", "stuck")) -> list[Case]:
+    """One sensor: six days of history, then a day of normal readings and a day-long fault (+ tail)."""
+    return _files(name, seed, files, ["temperature"], _hall_temperature, train_rows, normal_head, anomaly_rows,
+                  300.0, kinds)
+
+
 def simulator_set(name: str, seed: int, kinds=("pump", "motor", "compressor"), train_rows: int = 3600,
                   rows: int = 1500, period_s: float = 1.0, noise: float = 1.0, regimes: bool = True) -> list[Case]:
     """trainer.simulate machines: history and the faulty file are one continuous run (same seed)."""
@@ -135,4 +199,8 @@ def scenario_sets(quick: bool = False) -> dict[str, list[Case]]:
         sets["wide_20ch"] = synthetic_set("wide", 9, nf, 20, 5, 0.3, 2000, 300, 400, 1.0)
         sets["simulator"] = simulator_set("sim", 4)
         sets["simulator_noisy_10s"] = simulator_set("simn", 5, period_s=10.0, noise=2.0, train_rows=1000, rows=1200)
+        # Pump skid, 8 channels at 1 Hz, 1,000 rows: channels nonlinear in the factors (curves, products, valve stops).
+        sets["nonlinear_8ch"] = nonlinear_set("nonlin", 10, nf)
+        # ONE channel: a hall temperature (daily cycle + weather wander) at 5 minutes, 1,728 rows (6 days) of history.
+        sets["single_channel"] = single_channel_set("single", 11, nf)
     return sets

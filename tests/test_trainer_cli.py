@@ -114,6 +114,32 @@ def test_fit_cli_writes_bundle(tmp_path, capsys):
     assert "refit_windows" not in metrics and metrics["linear_path"] == 1.0
 
 
+def test_one_channel_fit_and_score(tmp_path):
+    # The product takes 1 to ~20 channels: a single sensor (a temperature with a daily-like cycle) must fit,
+    # export (both runtimes' golden vectors are checked inside fit) and score, and a large step must score high.
+    rng = np.random.default_rng(3)
+    t = np.arange(700)
+    temp = 21 + 4 * np.sin(2 * np.pi * t / 288) + rng.normal(0, 0.1, len(t))
+    hist = write_rows(tmp_path / "one.csv", ["temperature"], temp[:500, None], period_s=300.0)
+    test = temp[500:].copy()
+    test[100:] += 8.0
+    new = write_rows(tmp_path / "new.csv", ["temperature"], test[:, None], period_s=300.0)
+    assert main(["-q", "fit", "--csv", str(hist), "--out", str(tmp_path / "b"), "--epochs", "5", "--no-int8"]) == 0
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["features"] == ["temperature"] and len(m["score"]["precision"]) == 1
+    outs = {}
+    for backend in ("onnxruntime", "litert"):
+        out = tmp_path / f"{backend}.csv"
+        assert main(["-q", "score", "--bundle", str(tmp_path / "b"), "--csv", str(new), "--out", str(out),
+                     "--backend", backend, "--contrib"]) == 0
+        outs[backend] = _read(out)
+    a, b = outs["onnxruntime"], outs["litert"]
+    assert len(a) == len(b) == 200 and [r["anomaly"] for r in a] == [r["anomaly"] for r in b]
+    assert all(r["contrib_temperature"] == "1.0000" for r in a[10:])
+    s = np.array([float(r["score"]) for r in a])
+    assert np.all(np.isfinite(s)) and s[140:].min() > s[:100].max()
+
+
 def test_simulate_delegates(tmp_path):
     assert main(["simulate", "--out", str(tmp_path / "sim"), "--devices", "1", "--hours", "0.05",
                  "--train-hours", "0"]) == 0
