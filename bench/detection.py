@@ -33,8 +33,9 @@ from trainer.vae import TorchBackend
 
 def _write_csv(path: Path, features: list[str], x: np.ndarray, period_s: float) -> Path:
     t = np.arange(len(x)) * period_s + 1.7e9
+    # Epoch seconds need their own format: at 6 significant digits every row read "1.7e+09".
     np.savetxt(path, np.column_stack([t, x]), delimiter=",", header=",".join(["ts", *features]), comments="",
-               fmt="%.6g")
+               fmt=["%.3f"] + ["%.6g"] * x.shape[1])
     return path
 
 

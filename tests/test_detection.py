@@ -23,3 +23,15 @@ def test_vae_beats_pca_and_iforest_on_a_small_scenario(tmp_path):
     write_report(res, tmp_path)
     assert (tmp_path / "detection.md").read_text().count("| tiny |") == 4  # 3 detectors + the margin row
     assert (tmp_path / "detection.png").stat().st_size > 0
+
+
+def test_the_suite_writes_csvs_whose_time_column_keeps_the_sampling_period(tmp_path):
+    import numpy as np
+
+    from bench.detection import _write_csv
+    from trainer.data import load_csv
+
+    x = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
+    table = load_csv(_write_csv(tmp_path / "a.csv", ["a", "b"], x, 60.0))
+    assert table.sample_period_s() == 60.0  # at "%.6g" every epoch second read 1.7e+09: no period at all
+    assert np.allclose(table.values, x, rtol=1e-5, atol=1e-6)
