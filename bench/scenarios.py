@@ -71,33 +71,27 @@ def synthetic_set(name: str, seed: int, files: int, f: int, k: int, noise: float
     rng = np.random.default_rng(seed)
     mix = rng.normal(0, 1, (k, f))
     levels = rng.normal(0, 1.5, (max(1, regimes), f))
-    feats = [f"s{j}" for j in range(f + redundant)]
-    cases = []
-    for i in range(files):
-        r = np.random.default_rng([seed, i])
-        tail = anomaly_rows // 3
-        n_all = train_rows + normal_head + anomaly_rows + tail
+    width = f + redundant
+
+    def plant(r, n_all: int) -> np.ndarray:
         x = _latent_plant(r, n_all, f, k, period_s, noise, regimes, mix=mix, levels=levels)
         if redundant:  # near-copies of the first channels (redundant transmitters)
             x = np.concatenate([x, x[:, :redundant] + r.normal(0, noise, (n_all, redundant))], axis=1)
         if noisy_channel:
             x[:, -1] += r.normal(0, 3.0 * x[:, -1].std(), n_all)
-        sd = x[:train_rows].std(axis=0)
-        a = train_rows + normal_head
-        kind = kinds[i % len(kinds)]
-        nc = max(1, int(r.integers(1, max(2, (f + redundant) // 3) + 1)))
-        chans = r.choice(f + redundant - (1 if noisy_channel else 0), nc, replace=False)
-        _inject(r, x, a, a + anomaly_rows, kind, chans, sd)
-        y = np.zeros(n_all, np.int8)
-        y[a:a + anomaly_rows] = 1
-        cases.append(Case(f"{name}-{i}-{kind}", feats, x[:train_rows].astype(np.float32),
-                          x[train_rows:].astype(np.float32), y[train_rows:], period_s))
-    return cases
+        return x
+
+    # the very noisy channel is never the faulty one: its fault would drown in its noise
+    return _files(name, seed, files, [f"s{j}" for j in range(width)], plant, train_rows, normal_head,
+                  anomaly_rows, period_s, kinds, max_faulty=max(2, width // 3),
+                  eligible=width - (1 if noisy_channel else 0))
 
 
 def _files(name: str, seed: int, files: int, feats: list[str], plant, train_rows: int, normal_head: int,
-           anomaly_rows: int, period_s: float, kinds) -> list[Case]:
-    """synthetic_set's file layout for any ``plant(rng, n) -> (n, F)``: history, normal stretch, one span, tail."""
+           anomaly_rows: int, period_s: float, kinds, max_faulty: int | None = None,
+           eligible: int | None = None) -> list[Case]:
+    """The suite's file layout for any ``plant(rng, n) -> (n, F)``: history, normal stretch, one
+    anomalous span of ``kinds[i]`` on 1..``max_faulty`` of the first ``eligible`` channels, tail."""
     cases = []
     for i in range(files):
         r = np.random.default_rng([seed, i])
@@ -108,7 +102,8 @@ def _files(name: str, seed: int, files: int, feats: list[str], plant, train_rows
         a = train_rows + normal_head
         kind = kinds[i % len(kinds)]
         f = x.shape[1]
-        chans = r.choice(f, int(r.integers(1, max(1, f // 3) + 1)), replace=False)
+        hi = max_faulty if max_faulty is not None else max(1, f // 3)
+        chans = r.choice(eligible if eligible is not None else f, int(r.integers(1, hi + 1)), replace=False)
         _inject(r, x, a, a + anomaly_rows, kind, chans, sd)
         y = np.zeros(n_all, np.int8)
         y[a:a + anomaly_rows] = 1
