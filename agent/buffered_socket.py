@@ -14,9 +14,10 @@ loop instead of one (one ``select`` and one keepalive check per packet before), 
 as a write is queued, so an alert or a chunk of acknowledgements goes out before the next packet
 is read, as before.
 
-Drain bench, agent over bare paho at MQTT 5 (4 interleaved repeats on a loaded machine): paho's
-reads 0.88x at 78 us CPU per message, buffered 0.97x at 61 us, buffered with bursts 1.07x at
-58 us. Publish-to-alert p99 at 7,700 msg/s, paired runs: 457 / 63 / 67 ms -> 34 / 44 / 63 ms.
+Measured side by side (bench/README.md, "Buffered reads"): drain of a backlog, agent over bare
+paho at MQTT 5, 0.88x at 78 us CPU per message with paho's reads, 0.97x at 61 us buffered, 1.07x
+at 58 us buffered with bursts; publish-to-alert p99 at 7,700 msg/s, the code before and after in
+interleaved runs, 222 / 212 / 392 ms -> 53 / 25 / 18 ms.
 
 Only plain TCP and Unix sockets are wrapped; TLS sockets (their own buffering, ``pending``) and
 websockets keep paho's reads.

@@ -38,7 +38,7 @@ def test_recv_hands_out_the_bytes_in_order_and_counts_what_it_holds():
         b.close()
 
 
-def _subscriber(cfg_broker, client_id: str, received: list, done: threading.Event, n: int) -> mqtt.Client:
+def _subscriber(broker, client_id: str, received: list, done: threading.Event, n: int) -> mqtt.Client:
     c = BufferedClient(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=False)
 
     def on_message(client, userdata, msg):
@@ -47,7 +47,7 @@ def _subscriber(cfg_broker, client_id: str, received: list, done: threading.Even
             done.set()
 
     c.on_message = on_message
-    c.connect(cfg_broker.host, cfg_broker.port)
+    c.connect(broker.host, broker.port)
     return c
 
 
