@@ -97,6 +97,8 @@ def test_the_agent_reads_plain_tcp_through_the_buffer(broker):
             got.wait(0.5)
         assert got.is_set()
         assert isinstance(c.socket(), BufferedSocket)
+        # on_socket_open still reaches the socket through the wrapper: Nagle off (agent.mqtt_link._no_delay)
+        assert c.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         c.disconnect()
         c.loop_stop()
