@@ -27,6 +27,7 @@ from bench.baselines import BASELINES
 from bench.scenarios import Case, scenario_sets
 from trainer.fit import (FitOptions, _pot_threshold, _threshold_value, calibrate, decision_threshold, prepare,
                          train_detector)
+from trainer.data import split_names
 from trainer.metrics import confusion, detection_delays, rates
 from trainer.vae import TorchBackend
 
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     sets = scenario_sets(a.quick)
     if a.sets:
-        names = [n.strip() for n in a.sets.split(",") if n.strip()]
+        names = split_names(a.sets)
         unknown = [n for n in names if n not in sets]
         if unknown:
             ap.error(f"unknown set(s) {', '.join(unknown)}; known: {', '.join(sets)}")

@@ -82,19 +82,19 @@ def test_a_queued_backlog_arrives_whole_and_in_order(broker):
 def test_the_agent_reads_plain_tcp_through_the_buffer(broker):
     cfg = load_config(agent_id="gw", bundle="unused", mqtt={"host": broker.host, "port": broker.port})
     c = make_client(cfg, f"buffered-agent-{time.monotonic_ns()}", persistent=False)
-    got = threading.Event()
+    got, subscribed = threading.Event(), threading.Event()
     c.on_message = lambda *a: got.set()
     c.on_connect = lambda client, *a: client.subscribe("buffered/agent", 1)
+    c.on_subscribe = lambda *a: subscribed.set()
     c.connect(broker.host, broker.port)
     c.loop_start()
     try:
-        deadline = time.monotonic() + 10
-        while not got.is_set() and time.monotonic() < deadline:
-            pub = RawPublisher(broker.host, broker.port, client_id=f"buffered-agent-pub-{time.monotonic_ns()}")
-            pub.send(pub.packet("buffered/agent", b"{}"))
-            pub.wait_acked(1)
-            pub.close()
-            got.wait(0.5)
+        assert subscribed.wait(10)
+        pub = RawPublisher(broker.host, broker.port, client_id=f"buffered-agent-pub-{time.monotonic_ns()}")
+        pub.send(pub.packet("buffered/agent", b"{}"))
+        pub.wait_acked(1)
+        pub.close()
+        got.wait(10)
         assert got.is_set()
         assert isinstance(c.socket(), BufferedSocket)
         # on_socket_open still reaches the socket through the wrapper: Nagle off (agent.mqtt_link._no_delay)
